@@ -31,3 +31,21 @@ def official_dir() -> Path:
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return _require(IMAGES_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random checkpoint in the official layout with the real Phi-3-Vision tokenizer."""
+    from phi3v.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "tiny", tokenizer_dir=tokenizer_dir)
+
+
+def crossing_config(orig: int = 32):
+    """The tiny preset with a small original_max_position_embeddings, so tests can cross it (spec §3.5)."""
+    from dataclasses import replace
+
+    from phi3v.checkpoint import preset
+
+    cfg = preset("tiny")
+    return replace(cfg, text=replace(cfg.text, original_max_position_embeddings=orig, max_position_embeddings=32 * orig))

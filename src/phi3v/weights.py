@@ -1,0 +1,165 @@
+"""Finding a checkpoint and loading its safetensors into a `Phi3VForCausalLM` (spec §2).
+
+Tensors are read from memory-mapped shards one at a time and converted straight into the target dtype
+and device; each tensor's pages are released as soon as it is converted, so peak memory stays close to
+the size of the converted weights.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from phi3v.config import Phi3VConfig
+from phi3v.errors import Phi3VError
+from phi3v.model import Phi3VForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CLIP_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
+# Stored in the official files but never used (spec §2.2): buffers, the pooled-output norm of CLIP.
+IGNORED = re.compile(r"(\.position_ids$|rotary_emb\.inv_freq$|^" + re.escape(CLIP_PREFIX) + r"post_layernorm\.)")
+CLIP_LAYER = re.compile("^" + re.escape(CLIP_PREFIX) + r"encoder\.layers\.(\d+)\.")
+# A fine-tune may store the shared embedding under the vision module's name too (spec §2.2).
+ALIASES = {"model.vision_embed_tokens.wte.weight": "model.embed_tokens.weight"}
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local folder, or a hub id (`microsoft/Phi-3.5-vision-instruct`) already in the local HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise Phi3VError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+    name = str(name_or_path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure here means "not in the cache"
+            raise Phi3VError(
+                f"{name} is not in the local Hugging Face cache; download it first with "
+                f"`huggingface-cli download {name}` or pass the path of a local copy"
+            ) from None
+    raise Phi3VError(f"checkpoint folder {name} does not exist; pass a folder or a Hugging Face id")
+
+
+def shard_map(folder: Path) -> dict[str, Path]:
+    """tensor name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.exists():
+                raise Phi3VError(f"{shard} named in {INDEX_FILE} is missing; the download is incomplete")
+        return files
+    single = folder / SINGLE_FILE
+    if single.exists():
+        return {name: single for name in read_header(single)}
+    raise Phi3VError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}; is it a Phi-3-Vision checkpoint?")
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The safetensors JSON header: name -> {dtype, shape, data_offsets} (offsets relative to the data)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def iter_tensors(path: Path, names: set[str], convert: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, convert(tensor)) for `names` in one shard, each read from a memory map and then released."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name in sorted(names, key=lambda k: header[k]["data_offsets"][0]):
+                info = header[name]
+                start, end = (base + o for o in info["data_offsets"])
+                with warnings.catch_warnings():  # the map is read-only and we never write through it
+                    warnings.simplefilter("ignore", UserWarning)
+                    raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start) if end > start else torch.empty(0, dtype=torch.uint8)
+                out = convert(raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"]))
+                del raw
+                # Drop this tensor's file pages from our resident set: the converted copy is all we keep.
+                lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > lo:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+                yield name, out
+
+
+def expected_keys(model: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def is_ignored(name: str, cfg: Phi3VConfig) -> bool:
+    """Keys the loader skips on purpose: unused buffers and CLIP layers past the selected one (spec §2.2)."""
+    if IGNORED.search(name):
+        return True
+    m = CLIP_LAYER.match(name)
+    return m is not None and int(m.group(1)) >= cfg.vision.layers_to_run
+
+
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> Phi3VForCausalLM:
+    """Build the model on the meta device and fill it from the folder's safetensors (strict key check)."""
+    folder = resolve_checkpoint(folder)
+    cfg = Phi3VConfig.from_file(folder / "config.json") if (folder / "config.json").exists() else None
+    if cfg is None:
+        raise Phi3VError(f"{folder} has no config.json; pass the folder of a Phi-3-Vision checkpoint")
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(cfg)
+    want = expected_keys(model)
+    files = shard_map(folder)
+    stored = {ALIASES.get(k, k): k for k in files if not is_ignored(k, cfg)}
+    if "model.vision_embed_tokens.wte.weight" in files and "model.embed_tokens.weight" in files:
+        stored["model.embed_tokens.weight"] = "model.embed_tokens.weight"
+    missing, unexpected = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
+    if missing or unexpected:
+        raise Phi3VError(
+            f"checkpoint {folder} does not match the model: missing keys {_short(missing)}, "
+            f"unexpected keys {_short(unexpected)}"
+        )
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+
+    by_file: dict[Path, set[str]] = {}
+    for ours, theirs in stored.items():
+        by_file.setdefault(files[theirs], set()).add(theirs)
+    renamed = {theirs: ours for ours, theirs in stored.items()}
+    state = {}
+    for path, names in sorted(by_file.items()):
+        for name, t in iter_tensors(path, names, convert):
+            ours = renamed[name]
+            if t.shape != want[ours]:
+                raise Phi3VError(f"{name} has shape {tuple(t.shape)} in {path.name}, expected {tuple(want[ours])}")
+            state[ours] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return "[" + ", ".join(keys[:n]) + "]" + more
