@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -48,8 +49,12 @@ def preset(name: str) -> Phi3VConfig:
     raise ValueError(f"unknown preset {name!r}; use 'tiny' or 'full'")
 
 
-def random_tensor(name: str, shape: torch.Size, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Norm weights near 1, everything else N(0, 0.02): values that keep activations in range."""
+def random_tensor(name: str, shape: torch.Size, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Norm weights near 1, everything else N(0, 0.02): values that keep activations in range.
+
+    Each tensor's values depend only on (seed, name), so any subset can be made in any order.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     t = torch.randn(shape, generator=gen, dtype=torch.float32)
     if "norm" in name and name.endswith("weight") or "layrnorm.weight" in name:
         return (1.0 + 0.1 * t).to(dtype)
@@ -75,9 +80,8 @@ def random_model(cfg: Phi3VConfig | str = "tiny", seed: int = 0, dtype: torch.dt
     cfg = preset(cfg) if isinstance(cfg, str) else cfg
     with torch.device("meta"):
         model = Phi3VForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed)
     shapes = expected_keys(model)
-    state = {k: random_tensor(k, shapes[k], gen, dtype) for k in sorted(shapes)}
+    state = {k: random_tensor(k, shapes[k], seed, dtype) for k in shapes}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -105,7 +109,6 @@ def write_checkpoint(
     shapes = checkpoint_shapes(cfg)
     total = sum(s.numel() for s in shapes.values()) * dtype.itemsize
     shard_bytes = shard_bytes or min(2 << 30, total // 2 + 1)
-    gen = torch.Generator().manual_seed(seed)
     groups: list[list[str]] = [[]]
     size = 0
     for name in sorted(shapes):  # sorted order keeps the shard split deterministic
@@ -118,7 +121,7 @@ def write_checkpoint(
     weight_map = {}
     for i, names in enumerate(groups, 1):
         shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {k: random_tensor(k, shapes[k], gen, dtype) for k in names}
+        tensors = {k: random_tensor(k, shapes[k], seed, dtype) for k in names}
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, shard))
         del tensors

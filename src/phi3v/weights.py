@@ -118,7 +118,10 @@ def is_ignored(name: str, cfg: Phi3VConfig) -> bool:
 
 
 def load_model(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    cls: type[Phi3VForCausalLM] = Phi3VForCausalLM,
 ) -> Phi3VForCausalLM:
     """Build the model on the meta device and fill it from the folder's safetensors (strict key check)."""
     folder = resolve_checkpoint(folder)
@@ -127,7 +130,7 @@ def load_model(
         raise Phi3VError(f"{folder} has no config.json; pass the folder of a Phi-3-Vision checkpoint")
     device = torch.device(device)
     with torch.device("meta"):
-        model = Phi3VForCausalLM(cfg)
+        model = cls(cfg)
     want = expected_keys(model)
     files = shard_map(folder)
     stored = {ALIASES.get(k, k): k for k in files if not is_ignored(k, cfg)}

@@ -1,0 +1,116 @@
+"""Checkpoint layout and loading (spec §2)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from phi3v.checkpoint import checkpoint_shapes, preset, random_model, write_checkpoint
+from phi3v.errors import Phi3VError
+from phi3v.weights import INDEX_FILE, load_model, resolve_checkpoint
+
+
+def test_full_checkpoint_has_exactly_the_official_keys_and_size(official_dir):
+    """592 tensors, same names, 8,293,242,880 bytes of bf16 (spec §2)."""
+    index = json.loads((official_dir / INDEX_FILE).read_text())
+    shapes = checkpoint_shapes(preset("full"))
+    assert set(shapes) == set(index["weight_map"])
+    assert sum(s.numel() for s in shapes.values()) * 2 == index["metadata"]["total_size"]
+    assert shapes["model.layers.0.self_attn.qkv_proj.weight"] == (9216, 3072)
+    assert shapes["model.vision_embed_tokens.sub_GN"] == (1, 1, 1, 4096)
+    assert shapes["model.vision_embed_tokens.img_processor.vision_model.embeddings.position_embedding.weight"] == (577, 1024)
+
+
+def test_tiny_checkpoint_layout(tiny_checkpoint):
+    files = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {"config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+            "tokenizer_config.json", INDEX_FILE} <= files  # fmt: skip
+    index = json.loads((tiny_checkpoint / INDEX_FILE).read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2 and shards <= files
+    assert any("encoder.layers.2." in k for k in index["weight_map"])  # the unused last CLIP layer is stored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_equals_written_weights(tiny_checkpoint, dtype):
+    """Loaded tensors are the stored ones, converted to the requested dtype."""
+    model = load_model(tiny_checkpoint, dtype=dtype)
+    ref = random_model("tiny", seed=0, dtype=torch.bfloat16)  # write_checkpoint's default seed and dtype
+    got = model.state_dict()
+    assert set(got) == set(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+
+
+def test_single_file_and_alias(tmp_path, tiny_checkpoint):
+    """One model.safetensors works; `vision_embed_tokens.wte` is read as embed_tokens (spec §2.2)."""
+    state = {}
+    for shard in set(json.loads((tiny_checkpoint / INDEX_FILE).read_text())["weight_map"].values()):
+        state.update(load_file(tiny_checkpoint / shard))
+    emb = state.pop("model.embed_tokens.weight")
+    state["model.vision_embed_tokens.wte.weight"] = emb
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # ignored buffer
+    folder = tmp_path / "single"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    save_file(state, folder / "model.safetensors")
+    model = load_model(folder, dtype=torch.bfloat16)
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny_checkpoint):
+    state = {}
+    for shard in set(json.loads((tiny_checkpoint / INDEX_FILE).read_text())["weight_map"].values()):
+        state.update(load_file(tiny_checkpoint / shard))
+    del state["lm_head.weight"]
+    state["model.extra.weight"] = torch.zeros(2)
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(Phi3VError, match=r"missing keys \[lm_head.weight\], unexpected keys \[model.extra.weight\]"):
+        load_model(folder)
+
+
+def test_wrong_shape_and_missing_shard(tmp_path, tiny_checkpoint):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Phi3VError, match="shape"):
+        load_model(folder)
+    next(folder.glob("model-00001-*.safetensors")).unlink()
+    with pytest.raises(Phi3VError, match="missing; the download is incomplete"):
+        load_model(folder)
+
+
+def test_resolve_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Phi3VError, match="not in the local Hugging Face cache"):
+        resolve_checkpoint("microsoft/Phi-3.5-vision-instruct")
+    with pytest.raises(Phi3VError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope" / "deeper" / "x"))
+    with pytest.raises(Phi3VError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_hub_id_resolves_from_local_cache(tmp_path, monkeypatch, tiny_checkpoint):
+    """A hub id found in the HF cache layout (models--org--name/snapshots/REV) loads without network."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--microsoft--Phi-3.5-vision-instruct"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    assert resolve_checkpoint("microsoft/Phi-3.5-vision-instruct") == repo / "snapshots" / "abc123"
