@@ -1,8 +1,9 @@
 """Finding a checkpoint and loading its safetensors into a `Phi3VForCausalLM` (spec §2).
 
-Tensors are read from memory-mapped shards one at a time and converted straight into the target dtype
-and device; each tensor's pages are released as soon as it is converted, so peak memory stays close to
-the size of the converted weights.
+Shards are memory-mapped. On the CPU, tensors already in the target dtype are used straight from the
+map (no copy: pages load on first use and stay shareable with the OS page cache). Everything else is
+converted one tensor at a time into the target dtype and device, and that tensor's file pages are
+released at once, so peak memory stays close to the size of the converted weights.
 """
 
 from __future__ import annotations
@@ -83,26 +84,37 @@ def read_header(path: Path) -> dict[str, dict]:
     return header
 
 
-def iter_tensors(path: Path, names: set[str], convert: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, convert(tensor)) for `names` in one shard, each read from a memory map and then released."""
+def iter_tensors(
+    path: Path, names: set[str], convert: Callable[[torch.Tensor], torch.Tensor | None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for `names` in one shard, each a view of a read-only memory map of the file.
+
+    `convert(view)` returns a converted copy, whose file pages are then dropped from our resident set,
+    or None to keep the view itself: zero-copy, paged in on first use and shared with the OS page cache.
+    """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-        base = 8 + n
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for name in sorted(names, key=lambda k: header[k]["data_offsets"][0]):
-                info = header[name]
-                start, end = (base + o for o in info["data_offsets"])
-                with warnings.catch_warnings():  # the map is read-only and we never write through it
-                    warnings.simplefilter("ignore", UserWarning)
-                    raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start) if end > start else torch.empty(0, dtype=torch.uint8)
-                out = convert(raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"]))
-                del raw
-                # Drop this tensor's file pages from our resident set: the converted copy is all we keep.
-                lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-                if end > lo:
-                    mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-                yield name, out
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while a view needs it
+    base = 8 + n
+    for name in sorted(names, key=lambda k: header[k]["data_offsets"][0]):
+        info = header[name]
+        start, end = (base + o for o in info["data_offsets"])
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        if end == start:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():  # a read-only map: tensors made from it must never be written to
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start).view(dtype).reshape(shape)
+        out = convert(view)
+        if out is None:
+            yield name, view
+            continue
+        del view
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        yield name, out
 
 
 def expected_keys(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -143,8 +155,11 @@ def load_model(
             f"unexpected keys {_short(unexpected)}"
         )
 
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+    def convert(t: torch.Tensor) -> torch.Tensor | None:
+        want = dtype if t.is_floating_point() else t.dtype
+        if device.type == "cpu" and t.dtype == want:
+            return None  # already right: use the memory-mapped file directly
+        return t.to(device=device, dtype=want, copy=True)
 
     by_file: dict[Path, set[str]] = {}
     for ours, theirs in stored.items():
