@@ -1,0 +1,132 @@
+"""The Python API: `phi3v.load(...)` returns a `Phi3V` that answers OpenAI-style chat messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi3v.errors import Phi3VError
+from phi3v.generate import Batch, GenerationOptions, Request, generate
+from phi3v.model import Phi3VForCausalLM
+from phi3v.processing import process, read_num_crops
+from phi3v.prompt import Tokenizer, chat_prompt
+from phi3v.sampling import SamplingParams
+from phi3v.weights import load_model, resolve_checkpoint
+
+DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' is the first CUDA GPU when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Phi3VError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Phi3VError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise Phi3VError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """bfloat16 unless asked otherwise: the weights' own dtype, and the fast one on modern CPUs."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise Phi3VError(f"unsupported dtype {dtype!r}; use bfloat16, float16 or float32")
+
+
+def options_from(
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+) -> GenerationOptions:
+    """GenerationOptions from plain keyword arguments (greedy by default, as the model cards use)."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        stop_token_ids=tuple(stop_token_ids),
+        stop=tuple(s for s in stops if s),
+        ignore_eos=ignore_eos,
+    )
+
+
+class Phi3V:
+    """A loaded model with its tokenizer and image settings."""
+
+    def __init__(self, model: Phi3VForCausalLM, tokenizer: Tokenizer, num_crops: int = 16):
+        self.model, self.tokenizer, self.num_crops = model, tokenizer, num_crops
+
+    def request(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), num_crops: int | None = None,
+                **options: Any) -> Request:  # fmt: skip
+        """Build a generation request from chat messages (see `chat`)."""
+        if isinstance(messages, str):
+            parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": messages}]
+            messages = [{"role": "user", "content": parts}]
+        elif images:
+            raise Phi3VError("pass images inside the messages' content, or give a plain string prompt with images=")
+        prompt, found = chat_prompt(messages)
+        p = process(self.tokenizer, prompt, found, num_crops or self.num_crops)
+        feats = None
+        if p.images is not None:
+            with torch.inference_mode():
+                feats = self.model.encode_images(p.images.pixel_values, p.images.image_sizes)
+        return Request(p.input_ids, feats, options_from(**options))
+
+    def chat(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), **options: Any) -> str:
+        """Answer a conversation. `messages` are OpenAI-style dicts whose content is a string or a list of
+        parts ({"type": "text", "text": ...}, {"type": "image", "image": path | PIL image | bytes}); a plain
+        string is one user turn, with `images` placed before it. Options: max_new_tokens, temperature,
+        top_p, top_k, seed, stop, num_crops."""
+        return "".join(self.stream(messages, images, **options))
+
+    def stream(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), **options: Any) -> Iterator[str]:
+        """Like `chat`, yielding text deltas as they are generated (never a split UTF-8 character)."""
+        batch = Batch(self.model, self.tokenizer)
+        event = batch.add(self.request(messages, images, **options))
+        while True:
+            if event.text:
+                yield event.text
+            if event.finish_reason is not None:
+                return
+            (event,) = batch.step()
+
+    def chat_batch(self, conversations: Sequence[str | list[dict[str, Any]]], **options: Any) -> list[str]:
+        """Answer several conversations at once, decoding them together; each answer equals its own `chat`."""
+        reqs = [self.request(c, **options) for c in conversations]
+        for _ in generate(self.model, self.tokenizer, reqs):
+            pass
+        return [r.text for r in reqs]
+
+
+def load(
+    model: str | Path = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    num_crops: int | None = None,
+) -> Phi3V:
+    """Load a checkpoint folder, or a hub id from the local Hugging Face cache, onto a device."""
+    folder = resolve_checkpoint(model)
+    dev, dt = pick_device(device), pick_dtype(dtype)
+    tokenizer = Tokenizer.from_dir(folder)
+    net = load_model(folder, device=dev, dtype=dt)
+    return Phi3V(net, tokenizer, num_crops or read_num_crops(folder))
