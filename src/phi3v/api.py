@@ -77,13 +77,15 @@ class Phi3V:
 
     def request(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), num_crops: int | None = None,
                 **options: Any) -> Request:  # fmt: skip
-        """Build a generation request from chat messages (see `chat`)."""
+        """Build a generation request from chat messages (see `chat`). With `images=` and messages whose text
+        carries its own <|image_N|> tags (the official notebook style), the images fill those tags."""
         if isinstance(messages, str):
             parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": messages}]
-            messages = [{"role": "user", "content": parts}]
-        elif images:
-            raise Phi3VError("pass images inside the messages' content, or give a plain string prompt with images=")
+            messages, images = [{"role": "user", "content": parts}], ()
         prompt, found = chat_prompt(messages)
+        if images and found:
+            raise Phi3VError("images are both in the messages and in images=; pass them one way only")
+        found = found or list(images)
         p = process(self.tokenizer, prompt, found, num_crops or self.num_crops)
         feats = None
         if p.images is not None:

@@ -1,0 +1,106 @@
+"""User errors through the Python API: one exception type, one line that says what to fix."""
+
+import io
+
+import pytest
+from PIL import Image
+
+import phi3v
+from phi3v.api import Phi3V, pick_device
+from phi3v.checkpoint import random_model
+from phi3v.prompt import Tokenizer
+
+from .conftest import crossing_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return phi3v.load(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+def png_bytes(size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, "blue").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def one_line_error(fn, match):
+    with pytest.raises(phi3v.Phi3VError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_images_as_path_pil_and_bytes_agree(tiny, tmp_path):
+    data = png_bytes()
+    (tmp_path / "a.png").write_bytes(data)
+    answers = {tiny.chat("Colour?", images=[src], max_new_tokens=5)
+               for src in (tmp_path / "a.png", str(tmp_path / "a.png"), data, Image.open(io.BytesIO(data)))}  # fmt: skip
+    assert len(answers) == 1
+
+
+@pytest.mark.parametrize(
+    "text, n_images, match",
+    [
+        ("<|image_2|>\nWhat?", 1, "numbered 2; number them 1"),
+        ("<|image_0|>\nWhat?", 1, "image_0"),
+        ("<|image_1|>\n<|image_1|>\nWhat?", 1, "more than once"),
+        ("<|image_2|>\n<|image_1|>\nWhat?", 2, "order"),
+        ("<|image_1|>\nWhat?", 2, "2 image"),
+        ("<|image_1|>\n<|image_2|>\nWhat?", 1, "1 image"),
+        ("<|image_1|>\nWhat?", 0, "no images"),
+        ("What?", 1, "<|image_1|>"),
+    ],
+)
+def test_bad_tags(tiny, text, n_images, match):
+    """Spec §6.3 step 3 and pitfall 4: tags numbered 1..K, once each, in order, one per image."""
+    one_line_error(lambda: tiny.chat(user(text), images=[png_bytes()] * n_images, max_new_tokens=1), match)
+
+
+def test_explicit_tags_with_images_argument(tiny):
+    """Notebook-style content with tags written by the caller, images given alongside."""
+    a = tiny.chat(user("<|image_1|>\nWhat?"), images=[png_bytes()], max_new_tokens=4)
+    b = tiny.chat([{"role": "user", "content": [{"type": "image", "image": png_bytes()}, {"type": "text", "text": "What?"}]}],
+                  max_new_tokens=4)  # fmt: skip
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: p / "missing.png", "missing.png"),
+        (lambda p: (p / "empty.png").write_bytes(b"") and p / "empty.png" or p / "empty.png", "empty"),
+        (lambda p: (p / "half.png").write_bytes(png_bytes((300, 300))[:200]) and p / "half.png", "half.png"),
+        (lambda p: (p / "notes.txt").write_text("not an image") and p / "notes.txt", "notes.txt"),
+    ],
+)
+def test_bad_images(tiny, tmp_path, make, match):
+    one_line_error(lambda: tiny.chat("What is it?", images=[make(tmp_path)]), match)
+
+
+def test_decompression_bomb_is_refused(tiny, tmp_path):
+    from phi3v.image_processor import load_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 MP, a few KB on disk
+    one_line_error(lambda: load_image(path), "pixels")
+    one_line_error(lambda: tiny.chat("What?", images=[path]), "pixels")
+
+
+def test_prompt_longer_than_context(tokenizer_dir):
+    model = Phi3V(random_model(crossing_config(32)), Tokenizer.from_dir(tokenizer_dir), num_crops=4)
+    assert model.model.config.text.max_position_embeddings == 1024
+    one_line_error(lambda: model.chat("Compare.", images=[png_bytes(), png_bytes()]), "context")
+
+
+def test_bad_options_and_messages(tiny):
+    one_line_error(lambda: tiny.chat("hi", temperature=-1), "temperature")
+    one_line_error(lambda: tiny.chat("hi", top_p=0), "top_p")
+    one_line_error(lambda: tiny.chat("hi", max_new_tokens=0), "max_new_tokens")
+    one_line_error(lambda: tiny.chat([{"role": "robot", "content": "hi"}]), "robot")
+    one_line_error(lambda: tiny.chat([]), "message")
+    one_line_error(lambda: pick_device("tpu"), "device")
+    one_line_error(lambda: phi3v.load("/no/such/folder"), "does not exist")
