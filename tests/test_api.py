@@ -104,3 +104,21 @@ def test_bad_options_and_messages(tiny):
     one_line_error(lambda: tiny.chat([]), "message")
     one_line_error(lambda: pick_device("tpu"), "device")
     one_line_error(lambda: phi3v.load("/no/such/folder"), "does not exist")
+
+
+def test_auto_dtype(monkeypatch):
+    """bf16 on GPUs and bf16-capable CPUs; float32 on other CPUs when it fits in memory."""
+    import torch
+
+    import phi3v.api as api
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: True)
+    assert api.pick_dtype("auto", cpu, 8 << 30) == torch.bfloat16
+    monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(api, "available_memory", lambda: 64 << 30)
+    assert api.pick_dtype("auto", cpu, 8 << 30) == torch.float32
+    assert api.pick_dtype(None, cuda, 8 << 30) == torch.bfloat16
+    monkeypatch.setattr(api, "available_memory", lambda: 16 << 30)
+    assert api.pick_dtype("auto", cpu, 8 << 30) == torch.bfloat16  # float32 would not fit
+    assert api.pick_dtype("fp16", cpu) == torch.float16

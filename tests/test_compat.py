@@ -6,6 +6,8 @@ from PIL import Image
 
 import phi3v
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
+from phi3v.api import pick_dtype
+from phi3v.weights import checkpoint_bytes
 
 QUESTION = "What is shown in this image?"
 
@@ -65,7 +67,8 @@ def test_batched_prompts_are_left_padded_and_match_single(loaded, images_dir):
 
 def test_dtype_arguments(tiny_checkpoint):
     assert Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).dtype == torch.bfloat16
-    assert Phi3VForCausalLM.from_pretrained(tiny_checkpoint, torch_dtype="auto").dtype == torch.bfloat16
+    auto = pick_dtype("auto", torch.device("cpu"), checkpoint_bytes(tiny_checkpoint))
+    assert Phi3VForCausalLM.from_pretrained(tiny_checkpoint, torch_dtype="auto").dtype == auto
     assert Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype="float32").dtype == torch.float32
     with pytest.raises(phi3v.Phi3VError, match="dtype"):
         Phi3VForCausalLM.from_pretrained(tiny_checkpoint, dtype="int3")

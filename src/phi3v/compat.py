@@ -26,7 +26,7 @@ from phi3v.errors import Phi3VError
 from phi3v.generate import Request, generate
 from phi3v.processing import process, read_num_crops
 from phi3v.prompt import IMAGE_TAG, Tokenizer
-from phi3v.weights import load_model, resolve_checkpoint
+from phi3v.weights import checkpoint_bytes, load_model, resolve_checkpoint
 
 
 class BatchFeature(dict):
@@ -108,7 +108,8 @@ class Phi3VForCausalLM(_model.Phi3VForCausalLM):
         """Load weights; `dtype`/`torch_dtype` ("auto" = bfloat16), `device_map` ("cuda", "cpu", "auto")."""
         folder = resolve_checkpoint(path)
         device = pick_device(device_map if isinstance(device_map, str) else "cpu")
-        model = load_model(folder, device=device, dtype=pick_dtype(dtype or torch_dtype), cls=cls)
+        dtype = pick_dtype(dtype or torch_dtype, device, checkpoint_bytes(folder))
+        model = load_model(folder, device=device, dtype=dtype, cls=cls)
         if (folder / "tokenizer.json").exists():
             model.tokenizer = Tokenizer.from_dir(folder)
         return model

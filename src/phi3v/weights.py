@@ -75,6 +75,11 @@ def shard_map(folder: Path) -> dict[str, Path]:
     raise Phi3VError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}; is it a Phi-3-Vision checkpoint?")
 
 
+def checkpoint_bytes(folder: Path) -> int:
+    """Size of the weight files on disk (the bf16 weights' size for the official checkpoints)."""
+    return sum(p.stat().st_size for p in set(shard_map(folder).values()))
+
+
 def read_header(path: Path) -> dict[str, dict]:
     """The safetensors JSON header: name -> {dtype, shape, data_offsets} (offsets relative to the data)."""
     with open(path, "rb") as f:
