@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from phi3v.errors import Phi3VError
-from phi3v.generate import Batch, GenerationOptions, Request, generate
+from phi3v.generate import Batch, Event, GenerationOptions, Request, generate
 from phi3v.model import Phi3VForCausalLM
 from phi3v.processing import process, read_num_crops
 from phi3v.prompt import Tokenizer, chat_prompt
@@ -96,6 +98,19 @@ def options_from(
     )
 
 
+@dataclass(frozen=True)
+class Completion:
+    """An answer with its accounting: tokens in and out, total seconds and seconds to the first token
+    (both counting image encoding)."""
+
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    first_token_seconds: float
+
+
 class Phi3V:
     """A loaded model with its tokenizer and image settings."""
 
@@ -129,14 +144,30 @@ class Phi3V:
 
     def stream(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), **options: Any) -> Iterator[str]:
         """Like `chat`, yielding text deltas as they are generated (never a split UTF-8 character)."""
-        batch = Batch(self.model, self.tokenizer)
-        event = batch.add(self.request(messages, images, **options))
-        while True:
+        for event in self._events(self.request(messages, images, **options)):
             if event.text:
                 yield event.text
-            if event.finish_reason is not None:
-                return
+
+    def run(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (),
+            on_text: Callable[[str], None] | None = None, **options: Any) -> Completion:  # fmt: skip
+        """Like `chat`, with token counts and timings; `on_text` receives each text delta as it comes."""
+        t0 = time.perf_counter()
+        req = self.request(messages, images, **options)
+        first = None
+        for event in self._events(req):
+            first = first or time.perf_counter() - t0
+            if event.text and on_text is not None:
+                on_text(event.text)
+        return Completion(req.text, req.finish_reason or "stop", req.prompt_tokens, len(req.tokens),
+                          time.perf_counter() - t0, first or 0.0)  # fmt: skip
+
+    def _events(self, req: Request) -> Iterator[Event]:
+        batch = Batch(self.model, self.tokenizer)
+        event = batch.add(req)
+        yield event
+        while event.finish_reason is None:
             (event,) = batch.step()
+            yield event
 
     def chat_batch(self, conversations: Sequence[str | list[dict[str, Any]]], **options: Any) -> list[str]:
         """Answer several conversations at once, decoding them together; each answer equals its own `chat`."""
@@ -152,6 +183,7 @@ def load(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     num_crops: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Phi3V:
     """Load a checkpoint folder, or a hub id from the local Hugging Face cache, onto a device.
 
@@ -162,5 +194,5 @@ def load(
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, checkpoint_bytes(folder))
     tokenizer = Tokenizer.from_dir(folder)
-    net = load_model(folder, device=dev, dtype=dt)
+    net = load_model(folder, device=dev, dtype=dt, progress=progress)
     return Phi3V(net, tokenizer, num_crops or read_num_crops(folder))

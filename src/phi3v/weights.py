@@ -139,8 +139,12 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     cls: type[Phi3VForCausalLM] = Phi3VForCausalLM,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Phi3VForCausalLM:
-    """Build the model on the meta device and fill it from the folder's safetensors (strict key check)."""
+    """Build the model on the meta device and fill it from the folder's safetensors (strict key check).
+
+    `progress(done, total)` is called after each tensor, for a progress bar.
+    """
     folder = resolve_checkpoint(folder)
     cfg = Phi3VConfig.from_file(folder / "config.json") if (folder / "config.json").exists() else None
     if cfg is None:
@@ -177,6 +181,8 @@ def load_model(
             if t.shape != want[ours]:
                 raise Phi3VError(f"{name} has shape {tuple(t.shape)} in {path.name}, expected {tuple(want[ours])}")
             state[ours] = t
+            if progress is not None:
+                progress(len(state), len(stored))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
