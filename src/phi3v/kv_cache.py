@@ -32,7 +32,8 @@ class KVCache:
         """Grow (never shrink) to at least `rows` x `capacity`, keeping what is stored."""
         if rows <= self.rows and capacity <= self.capacity:
             return
-        rows, capacity = max(rows, self.rows), max(capacity, self.capacity)
+        # grow capacity geometrically so that a stream of requests does not copy the cache every time
+        rows, capacity = max(rows, self.rows), max(capacity, self.capacity + self.capacity // 2)
         shape = (self.k.shape[0], rows, self.k.shape[2], capacity, self.k.shape[4])
         for name in ("k", "v"):
             old = getattr(self, name)
