@@ -37,6 +37,7 @@ class KVCache:
         shape = (self.k.shape[0], rows, self.k.shape[2], capacity, self.k.shape[4])
         for name in ("k", "v"):
             old = getattr(self, name)
+            # zeros, not empty: masked-out entries still enter the P @ V product, and 0 * NaN would poison it
             new = torch.zeros(shape, dtype=old.dtype, device=old.device)
             new[:, : old.shape[1], :, : old.shape[3]] = old
             setattr(self, name, new)
