@@ -298,6 +298,48 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
     settings.say(f"wrote {len(todo)} results to {out} ({errors} errors)")
 
 
+@cli.command()
+@click.option("--model", "-m", envvar="PHI3V_MODEL", default=DEFAULT_MODEL, show_default=True,
+              help="Checkpoint folder or Hugging Face id in the local cache (env PHI3V_MODEL).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="PHI3V_API_KEY", help="Require 'Authorization: Bearer KEY' (env PHI3V_API_KEY).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto")
+@click.option("--num-crops", type=click.IntRange(1, 64), help="Default image tiles (requests may set num_crops).")
+@click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (off by default).")
+@click.option("--allowed-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Serve file:// images from inside this folder only (off by default).")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256), help="Requests decoded together.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 100000),
+              help="Waiting requests beyond the batch; more get 429.")
+@click.option("--max-image-bytes", default=20 * 1024 * 1024, show_default=True, type=click.IntRange(1))
+@click.option("--max-pixels", default=40_000_000, show_default=True, type=click.IntRange(1))
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(0), help="Images per request.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1), help="Longest prompt accepted (default: the context).")
+@click.option("--max-new-tokens", default=4096, show_default=True, type=click.IntRange(1),
+              help="Largest max_tokens a request may ask for.")
+def serve(model: str, host: str, port: int, api_key: str | None, device: str, dtype: str, num_crops: int | None,
+          **limits: Any) -> None:  # fmt: skip
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) with continuous batching.
+
+    Example: phi3v serve --model microsoft/Phi-3.5-vision-instruct --port 8000
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise Phi3VError("the server needs FastAPI and uvicorn: pip install 'phi3v[server]'") from None
+    import phi3v
+    from phi3v.server import ServerConfig, create_app
+
+    name = Path(model).name if Path(model).expanduser().is_dir() else model
+    cfg = ServerConfig(model_name=name, api_key=api_key, **limits)
+    app = create_app(cfg, lambda: phi3v.load(model, device=device, dtype=dtype, num_crops=num_crops))
+    click.echo(f"phi3v serving {model} on http://{host}:{port}/v1 (loading in the background; see /health)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @cli.command("make-checkpoint")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--full", is_flag=True, help="Real dimensions (4.1B parameters, 8.3 GB in bf16) instead of tiny.")

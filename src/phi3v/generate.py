@@ -125,6 +125,13 @@ class Batch:
                 logits[i] = self._prefill(i, self.model.embed(ids, r.image_features))[0]
         return self._accept(reqs, logits)
 
+    def drop(self, req: Request) -> None:
+        """Remove an unfinished request (its client went away); its row is free for the next one."""
+        for i, r in enumerate(self.active):
+            if r is req:
+                self._remove(i)
+                return
+
     def _prefill(self, row: int, x: Tensor) -> Tensor:
         n = x.shape[1]
         req = self.active[row]
