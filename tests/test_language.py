@@ -109,3 +109,14 @@ def test_factor_list_chosen_per_row():
     short_only, _ = cos_sin(t, torch.arange(32)[None], torch.float32)
     assert torch.equal(cos[0], long_only[0])
     assert torch.equal(cos[1, :, :32], short_only[0])
+
+
+def test_cache_grows_only_where_short():
+    cache = KVCache(1, 2, 4, torch.float32, torch.device("cpu"))
+    cache.reserve(1, 100)
+    for rows in range(2, 40):
+        cache.reserve(rows, 100)
+    assert cache.capacity == 100 and 39 <= cache.rows < 60
+    cache.k[0, 0, 0, 5] = 7.0
+    cache.reserve(1, 101)
+    assert cache.capacity >= 150 and cache.k[0, 0, 0, 5, 0] == 7.0  # contents kept

@@ -32,8 +32,12 @@ class KVCache:
         """Grow (never shrink) to at least `rows` x `capacity`, keeping what is stored."""
         if rows <= self.rows and capacity <= self.capacity:
             return
-        # grow capacity geometrically so that a stream of requests does not copy the cache every time
-        rows, capacity = max(rows, self.rows), max(capacity, self.capacity + self.capacity // 2)
+        # grow geometrically (in each dimension that is short) so a stream of requests rarely copies the cache
+        if rows > self.rows:
+            rows = max(rows, self.rows + self.rows // 2)
+        if capacity > self.capacity:
+            capacity = max(capacity, self.capacity + self.capacity // 2)
+        rows, capacity = max(rows, self.rows), max(capacity, self.capacity)
         shape = (self.k.shape[0], rows, self.k.shape[2], capacity, self.k.shape[4])
         for name in ("k", "v"):
             old = getattr(self, name)
