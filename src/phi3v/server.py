@@ -91,6 +91,7 @@ def parse_options(body: dict[str, Any], cfg: ServerConfig) -> dict[str, Any]:
     return {
         "max_new_tokens": max_tokens, "temperature": _number(body, "temperature", 0, 2, 0.0),
         "top_p": _number(body, "top_p", 1e-9, 1, 1.0), "seed": seed, "stop": stop, "num_crops": num_crops,
+        "ignore_eos": body.get("ignore_eos") is True,  # an extension (as in vLLM), for benchmarks
     }  # fmt: skip
 
 

@@ -1,0 +1,99 @@
+"""Aggregate decode throughput of `phi3v serve` at 1, 4 and 16 concurrent streaming clients.
+
+    python bench/serve_throughput.py --checkpoint /tmp/phi3v-full [--dtype float32] [--tokens 24]
+
+Starts the server on 127.0.0.1, then for each concurrency level runs that many clients at once, each
+streaming one text request of `--tokens` new tokens (end tokens ignored, so every client decodes the
+same amount). Aggregate tokens/s = all tokens / wall time of the level; the ratio to 1 client is the
+batching gain. Loopback only, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if json.loads(r.read())["status"] == "ready":
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server not ready")
+
+
+def client(url: str, i: int, tokens: int, out: list) -> None:
+    body = {"messages": [{"role": "user", "content": f"Write about the number {i}."}], "max_tokens": tokens,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    n, first, t0 = 0, None, time.perf_counter()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - t0
+    out[i] = (n, first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--levels", default="1,4,16")
+    args = ap.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "phi3v", "serve", "--model", args.checkpoint, "--port", str(port),
+                               "--dtype", args.dtype, "--max-batch", "16"])  # fmt: skip
+    try:
+        wait_ready(url)
+        import torch
+
+        print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+              f"checkpoint {args.checkpoint}; dtype {args.dtype}; {args.tokens} new tokens per client")  # fmt: skip
+        rows = []
+        for level in map(int, args.levels.split(",")):
+            out: list = [None] * level
+            threads = [threading.Thread(target=client, args=(url, i, args.tokens, out)) for i in range(level)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            total = sum(n for n, _ in out)
+            rows.append((level, total, wall, total / wall, max(f for _, f in out)))
+        base = rows[0][3]
+        print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'agg tok/s':>10} {'vs 1 client':>12} {'worst TTFT s':>13}")
+        for level, total, wall, rate, ttft in rows:
+            print(f"{level:>7} {total:>7} {wall:>8.1f} {rate:>10.2f} {rate / base:>11.2f}x {ttft:>13.1f}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
