@@ -1,7 +1,7 @@
 """`phi3v batch`: many (images, prompt) items through one model, results as JSON lines in input order.
 
-Items are decoded together, `batch_size` at a time, by the shared scheduler (`generate.Batch`); a free
-slot is refilled as soon as an item finishes. Each result line is written and flushed once every earlier
+Items are decoded together, `batch_size` at a time, by the same engine that serves the HTTP server
+(`engine.Engine`, continuous batching): a free slot is refilled as soon as an item finishes. Each result line is written and flushed once every earlier
 item's line is out, so the file is always a valid prefix of the final one: an interrupted run is
 continued with `resume`, which skips the items already written.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from phi3v.api import Phi3V
+from phi3v.engine import Engine, Failed
 from phi3v.errors import Phi3VError
-from phi3v.generate import Batch, Event, Request
+from phi3v.generate import Request
 from phi3v.sources import resolve_image
 
 
@@ -109,42 +111,36 @@ class OrderedWriter:
 
 def run_batch(model: Phi3V, items: list[Item], out: TextIO, *, batch_size: int = 4,
               on_write: Callable[[dict[str, Any]], None] = lambda r: None, **options: Any) -> None:  # fmt: skip
-    """Answer every item, writing one JSON line each (answer and accounting, or error), in order."""
+    """Answer every item through the shared engine, writing one JSON line each (answer and accounting,
+    or error), in input order."""
     writer = OrderedWriter(out, on_write)
-    batch = Batch(model.model, model.tokenizer)
-    running: dict[Request, tuple[int, float]] = {}  # -> (item index, start time)
+    events: queue.Queue[tuple[int, Any]] = queue.Queue()
+    engine = Engine(model, max_batch=batch_size, max_queue=max(len(items), 1))
+    started: dict[int, float] = {}
 
-    def finish(event: Event) -> None:
-        index, t0 = running.pop(event.request)
-        r = event.request
-        writer.put(index, items[index].record() | {
-            "answer": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": len(r.tokens), "seconds": round(time.perf_counter() - t0, 3),
-        })  # fmt: skip
+    def build(index: int) -> Request:
+        started[index] = time.perf_counter()
+        item = items[index]
+        if item.error:
+            raise Phi3VError(item.error)
+        return model.request(item.prompt, images=[resolve_image(i) for i in item.images], **options)
 
-    def step() -> None:
-        for e in batch.step():
-            if e.finish_reason is not None:
-                finish(e)
+    def finished(index: int, event: Any) -> None:
+        if isinstance(event, Failed) or event.finish_reason is not None:
+            events.put((index, event))
 
-    for index, item in enumerate(items):
-        while len(batch) >= batch_size:
-            step()
-        t0 = time.perf_counter()
-        req = None
-        try:
-            if item.error:
-                raise Phi3VError(item.error)
-            req = model.request(item.prompt, images=[resolve_image(i) for i in item.images], **options)
-            running[req] = (index, t0)
-            event = batch.add(req)  # a prompt too long for the context fails here
-        except Phi3VError as e:
-            if req is not None:
-                running.pop(req, None)
-            writer.put(index, item.record() | {"error": str(e)})
-            continue
-        if event.finish_reason is not None:
-            finish(event)
-    while len(batch):
-        step()
-
+    try:
+        for index in range(len(items)):
+            engine.submit(lambda i=index: build(i), lambda e, i=index: finished(i, e))
+        for _ in items:
+            index, event = events.get()
+            if isinstance(event, Failed):
+                writer.put(index, items[index].record() | {"error": str(event.error)})
+                continue
+            r = event.request
+            writer.put(index, items[index].record() | {
+                "answer": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": len(r.tokens), "seconds": round(time.perf_counter() - started[index], 3),
+            })  # fmt: skip
+    finally:
+        engine.stop()
