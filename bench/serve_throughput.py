@@ -52,7 +52,7 @@ def client(url: str, i: int, tokens: int, out: list) -> None:
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     n = chunk["usage"]["completion_tokens"]
-                elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                elif first is None:  # the role chunk is sent as soon as the prompt is prefilled
                     first = time.perf_counter() - t0
     out[i] = (n, first)
 

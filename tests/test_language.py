@@ -120,3 +120,15 @@ def test_cache_grows_only_where_short():
     cache.k[0, 0, 0, 5] = 7.0
     cache.reserve(1, 101)
     assert cache.capacity >= 150 and cache.k[0, 0, 0, 5, 0] == 7.0  # contents kept
+
+
+@pytest.mark.parametrize("rows", [1, 5, 256, 300])
+def test_linear_fast_path_matches_f_linear(rows):
+    """The few-rows CPU route of Linear computes the same product as F.linear (float32)."""
+    from phi3v.language import Linear
+
+    lin = Linear(48, 80, bias=True)
+    x = torch.randn(rows, 1, 48)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    out = lin(x)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from phi3v.errors import Phi3VError
+from phi3v.errors import Phi3VError, TooLarge
 
 CROP = 336
 TOKENS_PER_CROP = 144
@@ -148,7 +148,7 @@ def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
     if w < 1 or h < 1:
         raise Phi3VError(f"{name}: image is empty ({w}x{h} pixels); pass an image with pixels")
     if w * h > max_pixels:
-        raise Phi3VError(f"{name}: image of {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} "
+        raise TooLarge(f"{name}: image of {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} "
                          f"(decompression-bomb guard); downscale it or raise max_pixels")
 
 
@@ -193,7 +193,7 @@ def _open(src: str | os.PathLike | bytes | bytearray, max_pixels: int) -> Image.
     except Phi3VError:  # already one line, naming the file
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Phi3VError(f"{name}: refused as a possible decompression bomb ({_one_line(e)}); "
+        raise TooLarge(f"{name}: refused as a possible decompression bomb ({_one_line(e)}); "
                          f"downscale the image or raise max_pixels") from None
     except Image.UnidentifiedImageError:
         raise Phi3VError(f"{name}: not a readable image (unknown or unsupported format); pass a PNG, JPEG, "

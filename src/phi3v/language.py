@@ -13,6 +13,24 @@ from phi3v.kv_cache import KVCache
 from phi3v.rope import apply_rope
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster route for the few-row products of decoding on the CPU.
+
+    Measured with MKL on this project's CPUs: for float32 and up to a few hundred rows, W @ x.T runs 1.1-3.7x
+    faster than the x @ W.T that F.linear uses (16 rows x [16384, 3072]: 32 ms against 62 ms), which
+    is what lets batched decoding scale. Same math; only the summation order may differ.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 256:
+            return super().forward(x)
+        y = (self.weight @ x.reshape(rows, -1).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class RMSNorm(nn.Module):
     """Normalise in float32, cast back, then scale (spec §3.2)."""
 
@@ -51,8 +69,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.layer_idx = layer_idx
         # Fused projection as stored in the checkpoint: rows are [Q; K; V] (spec §2.1).
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, a: AttentionInputs) -> Tensor:
         B, T, _ = x.shape
@@ -74,8 +92,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

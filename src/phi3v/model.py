@@ -13,7 +13,7 @@ from phi3v.config import Phi3VConfig
 from phi3v.errors import Phi3VError
 from phi3v.image_embedding import ImageEmbedding
 from phi3v.kv_cache import KVCache
-from phi3v.language import AttentionInputs, DecoderLayer, RMSNorm
+from phi3v.language import AttentionInputs, DecoderLayer, Linear, RMSNorm
 from phi3v.rope import cos_sin
 
 
@@ -36,7 +36,7 @@ class Phi3VForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Phi3VModel(cfg)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:

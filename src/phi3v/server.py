@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from phi3v.engine import Engine, Failed, QueueFull
-from phi3v.errors import Phi3VError
+from phi3v.errors import Phi3VError, TooLarge
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,7 @@ def _image(ref: Any, cfg: ServerConfig, resolve_image: Any, load_image: Any) -> 
             raise APIError(413, f"an image is over the {cfg.max_image_bytes}-byte limit", code="image_too_large")
         return load_image(src, max_pixels=cfg.max_pixels)
     except Phi3VError as e:
-        msg = str(e)
-        status = 413 if ("limit" in msg or "pixels" in msg) else 400
-        raise APIError(status, msg, param="messages") from None
+        raise APIError(413 if isinstance(e, TooLarge) else 400, str(e), param="messages") from None
 
 
 def completion_body(rid: str, model: str, created: int, text: str, finish: str, usage: dict[str, int]) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from phi3v.errors import Phi3VError
+from phi3v.errors import Phi3VError, TooLarge
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 FETCH_TIMEOUT = 15.0
@@ -28,7 +28,7 @@ def fetch_url(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_IMA
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - scheme checked by the caller
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise Phi3VError(f"{url} is {int(declared)} bytes, over the {max_bytes}-byte image limit")
+                raise TooLarge(f"{url} is {int(declared)} bytes, over the {max_bytes}-byte image limit")
             data = resp.read(max_bytes + 1)
     except Phi3VError:
         raise
@@ -38,7 +38,7 @@ def fetch_url(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_IMA
         reason = getattr(e, "reason", e)
         raise Phi3VError(f"could not fetch {url}: {reason}; check the URL and your network") from None
     if len(data) > max_bytes:
-        raise Phi3VError(f"{url} is over the {max_bytes}-byte image limit")
+        raise TooLarge(f"{url} is over the {max_bytes}-byte image limit")
     return data
 
 
@@ -48,7 +48,7 @@ def decode_data_uri(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
         raise Phi3VError("a data URI image must look like data:image/png;base64,<base64 data>")
     if len(payload) * 3 // 4 > max_bytes:
-        raise Phi3VError(f"the data URI image is over the {max_bytes}-byte limit")
+        raise TooLarge(f"the data URI image is over the {max_bytes}-byte limit")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -63,7 +63,7 @@ def resolve_image(src: Any, *, allow_remote: bool = True, allowed_dir: Path | No
     if src == "-":
         data = sys.stdin.buffer.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise Phi3VError(f"the image on standard input is over the {max_bytes}-byte limit")
+            raise TooLarge(f"the image on standard input is over the {max_bytes}-byte limit")
         return data
     if src.startswith("data:"):
         return decode_data_uri(src, max_bytes)
