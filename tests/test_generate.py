@@ -178,3 +178,19 @@ def test_continuous_batch_join_and_leave(tiny):
     while len(b):
         b.step()
     assert [r1.tokens, r2.tokens] == solo
+
+
+def test_padded_group_prefill_equals_alone(tiny, monkeypatch):
+    """Prompts of similar length are prefilled together, right-padded; each row equals running alone."""
+    prompts = ["Tell me a short story about a cat.", "Tell me a story about a very small brown dog.",
+               "What is the capital city of France, and why?"]  # fmt: skip
+    alone = []
+    for p in prompts:
+        r = tiny.request(p, max_new_tokens=8, ignore_eos=True)
+        list(gen.generate(tiny.model, tiny.tokenizer, [r]))
+        alone.append(r.tokens)
+    reqs = [tiny.request(p, max_new_tokens=8, ignore_eos=True) for p in prompts]
+    lengths = {r.prompt_tokens for r in reqs}
+    assert len(lengths) == 3 and len(gen._similar_lengths(reqs)) == 1  # one padded forward
+    list(gen.generate(tiny.model, tiny.tokenizer, reqs))
+    assert [r.tokens for r in reqs] == alone

@@ -96,17 +96,17 @@ def test_rope_reference_numbers():
     assert abs(f[1].item() - 0.825404) < 1e-6
     assert abs(f[47].item() - 1.2115e-4) < 1e-8
     assert abs(t.rope_scale - 1.1902380714238083) < 1e-12
-    cos, _ = cos_sin(t, torch.tensor([[0]]), torch.float32)
+    cos, _ = cos_sin(t, torch.tensor([[0]]), torch.float32, torch.tensor([1]))
     assert torch.allclose(cos, torch.full_like(cos, 1.1902380714238083))  # the scale applies at position 0 too
 
 
 def test_factor_list_chosen_per_row():
     """A batch row uses long factors only if its own length exceeds orig (spec §3.5)."""
     t = crossing_config(32).text
-    pos = torch.stack([torch.arange(40), torch.arange(40).clamp_max(31)])  # row 0: length 40, row 1: 32
-    cos, _ = cos_sin(t, pos, torch.float32)
-    long_only, _ = cos_sin(t, torch.arange(40)[None], torch.float32)
-    short_only, _ = cos_sin(t, torch.arange(32)[None], torch.float32)
+    pos = torch.stack([torch.arange(40), torch.arange(40)])  # row 1 is a length-32 row right-padded to 40
+    cos, _ = cos_sin(t, pos, torch.float32, torch.tensor([40, 32]))
+    long_only, _ = cos_sin(t, torch.arange(40)[None], torch.float32, torch.tensor([40]))
+    short_only, _ = cos_sin(t, torch.arange(32)[None], torch.float32, torch.tensor([32]))
     assert torch.equal(cos[0], long_only[0])
     assert torch.equal(cos[1, :, :32], short_only[0])
 

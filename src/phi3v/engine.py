@@ -100,24 +100,29 @@ class Engine:
                     handle.on_event(Failed(RuntimeError(f"generation failed: {e}")))
                 self.running.clear()
 
-    def _admit(self) -> None:
-        while len(self.batch) < self.max_batch:
+    def _admit(self, max_tokens: int = 8192) -> None:
+        """Build waiting jobs into free rows and prefill them together (up to `max_tokens` prompt tokens)."""
+        ready: list[Request] = []
+        while len(self.batch) + len(ready) < self.max_batch:
             with self.wake:
                 if not self.waiting:
-                    return
+                    break
                 handle = self.waiting.popleft()
             if handle.cancelled:
                 continue
             try:
-                req = handle.request = handle.build()
-                self.running[req] = handle
-                event = self.batch.add(req)
+                req = handle.build()
+                self.batch.check(req)
             except Exception as e:  # noqa: BLE001 - delivered to the caller, the engine keeps serving
-                if handle.request is not None:
-                    self.running.pop(handle.request, None)
                 handle.on_event(Failed(e if isinstance(e, Phi3VError) else RuntimeError(str(e))))
                 continue
-            self._deliver([event])
+            handle.request = req
+            self.running[req] = handle
+            ready.append(req)
+            if sum(r.prompt_tokens for r in ready) >= max_tokens:
+                break
+        if ready:
+            self._deliver(self.batch.add_many(ready))
 
     def _drop_cancelled(self) -> None:
         for req, handle in list(self.running.items()):

@@ -86,23 +86,43 @@ class Batch:
     def __len__(self) -> int:
         return len(self.active)
 
-    @torch.inference_mode()
-    def add(self, req: Request) -> Event:
-        """Prefill `req` into a free row and sample its first token."""
+    def check(self, req: Request) -> None:
+        """Raise a user error if `req` cannot run here (a prompt that fills the context)."""
         max_pos = self.model.config.text.max_position_embeddings
         if req.prompt_tokens >= max_pos:
             raise Phi3VError(
                 f"the prompt is {req.prompt_tokens} tokens but the context holds {max_pos}; "
                 "use fewer or smaller images (lower num_crops) or a shorter prompt"
             )
-        req.limit = min(req.options.max_new_tokens, max_pos - req.prompt_tokens)
-        req.decoder = StreamDecoder(self.tokenizer)
-        req.generator = req.options.sampling.make_generator()
-        row = len(self.active)
-        self.cache.reserve(row + 1, req.prompt_tokens + req.limit)
-        self.active.append(req)
-        x = self.model.embed(req.input_ids[None].to(self.model.device), req.image_features)
-        return self._accept([req], self._prefill(row, x))[0]
+
+    def add(self, req: Request) -> Event:
+        """Prefill `req` into a free row and sample its first token."""
+        return self.add_many([req])[0]
+
+    @torch.inference_mode()
+    def add_many(self, reqs: Sequence[Request]) -> list[Event]:
+        """Prefill several requests in one forward pass (right-padded to the longest) into new rows.
+
+        Padding tokens write keys past each row's end, where attention never looks and decoding
+        overwrites them.
+        """
+        for req in reqs:
+            self.check(req)
+        max_pos = self.model.config.text.max_position_embeddings
+        for req in reqs:
+            req.limit = min(req.options.max_new_tokens, max_pos - req.prompt_tokens)
+            req.decoder = StreamDecoder(self.tokenizer)
+            req.generator = req.options.sampling.make_generator()
+        self.cache.reserve(len(self.active) + len(reqs), max(r.prompt_tokens + r.limit for r in reqs))
+        events: dict[int, Event] = {}
+        for group in _similar_lengths(reqs):
+            start = len(self.active)
+            embeds = [self.model.embed(r.input_ids[None].to(self.model.device), r.image_features)[0] for r in group]
+            x = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # (B, L_max, C)
+            self.active.extend(group)
+            logits = self._prefill(start, x, [e.shape[0] for e in embeds])
+            events.update((id(e.request), e) for e in self._accept(group, logits))
+        return [events[id(r)] for r in reqs]
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -132,12 +152,15 @@ class Batch:
                 self._remove(i)
                 return
 
-    def _prefill(self, row: int, x: Tensor) -> Tensor:
-        n = x.shape[1]
-        req = self.active[row]
-        req.cached, req.long_rope = n, uses_long_factors(self.model.config.text, n)
-        positions = torch.arange(n, device=x.device)[None]
-        return self.model.forward_cached(x, positions, self.cache, slice(row, row + 1), n)
+    def _prefill(self, row: int, x: Tensor, lengths: Sequence[int] | None = None) -> Tensor:
+        """Rows row.. row+B-1 from position 0: x (B, L, C), each row's real length in `lengths`."""
+        B, n, _ = x.shape
+        lengths = list(lengths or [n] * B)
+        for req, length in zip(self.active[row : row + B], lengths):
+            req.cached, req.long_rope = length, uses_long_factors(self.model.config.text, length)
+        positions = torch.arange(n, device=x.device)[None].expand(B, n)
+        lens = torch.tensor(lengths, device=x.device)
+        return self.model.forward_cached(x, positions, self.cache, slice(row, row + B), n, lengths=lens)
 
     def _accept(self, reqs: Sequence[Request], logits: Tensor) -> list[Event]:
         logits[:, self.tokenizer.vocab_size :] = float("-inf")  # padding rows of the vocab (spec §6.5)
@@ -184,10 +207,20 @@ class Batch:
         self.active.pop()
 
 
+def _similar_lengths(reqs: Sequence[Request], slack: float = 1.5) -> list[list[Request]]:
+    """Group requests for padded prefills so that no prompt is padded past `slack` times its length."""
+    groups: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: r.prompt_tokens):
+        if groups and r.prompt_tokens <= slack * groups[-1][0].prompt_tokens:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def generate(model: Phi3VForCausalLM, tokenizer: Tokenizer, requests: Sequence[Request]) -> Iterator[Event]:
     """Run `requests` together to completion, yielding each step's events as they happen."""
     batch = Batch(model, tokenizer)
-    for req in requests:
-        yield batch.add(req)
+    yield from batch.add_many(requests)
     while len(batch):
         yield from batch.step()

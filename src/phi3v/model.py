@@ -105,16 +105,17 @@ class Phi3VForCausalLM(nn.Module):
             # causal over the padded layout; a padding query sees itself so that no softmax row is empty
             mask = (idx[None, :] <= idx[:, None]) & (valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=self.device))
             mask = mask[:, None]  # (B, 1, T, T)
-        cos, sin = cos_sin(self.config.text, positions, x.dtype)
+        cos, sin = cos_sin(self.config.text, positions, x.dtype, positions.amax(dim=1) + 1)
         return self.logits(self.decode_layers(x, AttentionInputs(cos, sin, mask, positions)))
 
     def forward_cached(
-        self, x: Tensor, positions: Tensor, cache: KVCache, rows: slice, kv_len: int, last_only: bool = True
+        self, x: Tensor, positions: Tensor, cache: KVCache, rows: slice, kv_len: int, lengths: Tensor | None = None
     ) -> Tensor:
         """Pass over new tokens of cache rows `rows`: x (B, T, hidden) embeddings at `positions` (B, T).
 
         Each row's tokens are stored at their positions and attend to entries 0..position of their own row.
-        Returns float32 logits of the last token (B, vocab), or of all tokens (B, T, vocab).
+        `lengths` (B,), for right-padded prefills, gives each row's real token count: the LongRoPE factor
+        list follows it and the logits are taken at its last real token. Returns float32 (B, vocab).
         """
         B, T, _ = x.shape
         if B == 1 and T == kv_len:  # a whole row from position 0: plain causal attention
@@ -122,6 +123,8 @@ class Phi3VForCausalLM(nn.Module):
         else:
             mask = torch.arange(kv_len, device=x.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
             mask = mask[:, None]
-        cos, sin = cos_sin(self.config.text, positions, x.dtype)
+        seq_lens = lengths if lengths is not None else positions.amax(dim=1) + 1
+        cos, sin = cos_sin(self.config.text, positions, x.dtype, seq_lens)
         h = self.decode_layers(x, AttentionInputs(cos, sin, mask, positions, cache, rows, kv_len))
-        return self.logits(h[:, -1] if last_only else h)
+        last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=x.device)
+        return self.logits(h[torch.arange(B, device=x.device), last])

@@ -29,17 +29,17 @@ def uses_long_factors(cfg: TextConfig, seq_len: int) -> bool:
     return cfg.long_factor is not None and seq_len > cfg.original_max_position_embeddings
 
 
-def cos_sin(cfg: TextConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def cos_sin(cfg: TextConfig, positions: Tensor, dtype: torch.dtype, seq_lens: Tensor) -> tuple[Tensor, Tensor]:
     """cos and sin tables for `positions` [B, T] -> two [B, 1, T, head_dim] tensors in `dtype`.
 
+    `seq_lens` [B] is each row's sequence length, which picks its factor list (padding does not count).
     The LongRoPE scale sqrt(1 + ln(max/orig)/ln(orig)) multiplies both, whichever list is used.
     """
     dev = positions.device
     if cfg.short_factor is None:
         freqs = inv_freq(cfg, None, dev)[None].expand(positions.shape[0], -1)  # (B, D/2)
     else:
-        row_len = positions.amax(dim=1) + 1  # (B,)
-        use_long = (row_len > cfg.original_max_position_embeddings)[:, None]
+        use_long = (seq_lens > cfg.original_max_position_embeddings)[:, None]  # (B, 1)
         freqs = torch.where(use_long, inv_freq(cfg, cfg.long_factor, dev), inv_freq(cfg, cfg.short_factor, dev))
     angle = positions.float()[:, :, None] * freqs[:, None, :]  # (B, T, D/2)
     emb = torch.cat([angle, angle], dim=-1)[:, None]  # (B, 1, T, D)
