@@ -4,8 +4,10 @@
 
 Starts the server on 127.0.0.1, then for each concurrency level runs that many clients at once, each
 streaming one text request of `--tokens` new tokens (end tokens ignored, so every client decodes the
-same amount). Aggregate tokens/s = all tokens / wall time of the level; the ratio to 1 client is the
-batching gain. Loopback only, bounded in count and time.
+same amount). Reported per level: aggregate tokens/s over the whole wall time (prefills included), the
+worst time to first token, and the aggregate decode tokens/s once every client is decoding (tokens
+after each client's first / time from the last first token to the end). Ratios are to 1 client.
+Loopback only, bounded in count and time.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def client(url: str, i: int, tokens: int, out: list) -> None:
                     n = chunk["usage"]["completion_tokens"]
                 elif first is None:  # the role chunk is sent as soon as the prompt is prefilled
                     first = time.perf_counter() - t0
-    out[i] = (n, first)
+    out[i] = (n, first, time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -84,12 +86,19 @@ def main() -> None:
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
-            total = sum(n for n, _ in out)
-            rows.append((level, total, wall, total / wall, max(f for _, f in out)))
-        base = rows[0][3]
-        print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'agg tok/s':>10} {'vs 1 client':>12} {'worst TTFT s':>13}")
-        for level, total, wall, rate, ttft in rows:
-            print(f"{level:>7} {total:>7} {wall:>8.1f} {rate:>10.2f} {rate / base:>11.2f}x {ttft:>13.1f}")
+            total = sum(n for n, _, _ in out)
+            ttft = max(f for _, f, _ in out)
+            # decode phase: from the moment every client has its first token (all prompts prefilled) to the
+            # last token, every client is decoding in the shared batch
+            decoded = sum(n - 1 for n, _, _ in out)
+            decode_rate = decoded / max(max(e for _, _, e in out) - ttft, 1e-9)
+            rows.append((level, total, wall, total / wall, ttft, decode_rate))
+        base, dbase = rows[0][3], rows[0][5]
+        print(f"{'clients':>7} {'tokens':>7} {'seconds':>8} {'agg tok/s':>10} {'vs 1':>6} {'worst TTFT s':>13} "
+              f"{'agg decode tok/s':>17} {'vs 1':>6}")  # fmt: skip
+        for level, total, wall, rate, ttft, drate in rows:
+            print(f"{level:>7} {total:>7} {wall:>8.1f} {rate:>10.2f} {rate / base:>5.2f}x {ttft:>13.1f} "
+                  f"{drate:>17.2f} {drate / dbase:>5.2f}x")  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=60)
