@@ -78,7 +78,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def load_model(s: Settings) -> Any:
+def load_with_progress(s: Settings) -> Any:
     """Load with a progress bar (unless --quiet)."""
     import phi3v
     from tqdm import tqdm
@@ -157,7 +157,7 @@ def cli(debug: bool) -> None:
 
 def ask_images(s: Settings, images: tuple[str, ...], prompt: str) -> None:
     imgs = read_images(images)
-    model = load_model(s)
+    model = load_with_progress(s)
     done = answer(s, model, prompt, imgs)
     report(s, done, images=list(images))
 
@@ -203,7 +203,7 @@ def ocr(settings: Settings, image: str, fmt: str) -> None:
     if fmt != "json":
         return ask_images(settings, (image,), OCR[fmt])
     imgs = read_images((image,))
-    model = load_model(settings)
+    model = load_with_progress(settings)
     turn = [{"type": "image", "image": imgs[0]}, {"type": "text", "text": OCR["json"]}]
     messages: list[dict[str, Any]] = [{"role": "user", "content": turn}]
     done = answer(settings, model, messages, stream=False)
@@ -248,7 +248,7 @@ def chat(settings: Settings, images: tuple[str, ...]) -> None:
     from phi3v.chat import run_chat
 
     attached = read_images(images)
-    run_chat(load_model(settings), settings, attached, read_images)
+    run_chat(load_with_progress(settings), settings, attached, read_images)
 
 
 @cli.command()
@@ -280,7 +280,7 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
     settings.say(f"{len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to run")
     if not todo:
         return
-    model = load_model(settings)
+    model = load_with_progress(settings)
     errors = 0
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="item", disable=settings.quiet,
                                                      file=sys.stderr, desc="batch") as bar:  # fmt: skip
