@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from phi3v.errors import Phi3VError
 from phi3v.generate import Batch, Event, GenerationOptions, Request, generate
 from phi3v.model import Phi3VForCausalLM
+from phi3v.feature_cache import FeatureCache, image_key
+from phi3v.image_processor import hd_size, load_image, num_image_tokens, preprocess
 from phi3v.processing import process, read_num_crops
-from phi3v.prompt import Tokenizer, chat_prompt
+from phi3v.prompt import Tokenizer, build_input_ids, chat_prompt
 from phi3v.sampling import SamplingParams
 from phi3v.weights import checkpoint_bytes, load_model, resolve_checkpoint
 
@@ -114,8 +117,10 @@ class Completion:
 class Phi3V:
     """A loaded model with its tokenizer and image settings."""
 
-    def __init__(self, model: Phi3VForCausalLM, tokenizer: Tokenizer, num_crops: int = 16):
+    def __init__(self, model: Phi3VForCausalLM, tokenizer: Tokenizer, num_crops: int = 16,
+                 feature_cache_bytes: int = 512 << 20):  # fmt: skip
         self.model, self.tokenizer, self.num_crops = model, tokenizer, num_crops
+        self.cache = FeatureCache(feature_cache_bytes)
 
     def request(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), num_crops: int | None = None,
                 **options: Any) -> Request:  # fmt: skip
@@ -128,12 +133,29 @@ class Phi3V:
         if images and found:
             raise Phi3VError("images are both in the messages and in images=; pass them one way only")
         found = found or list(images)
-        p = process(self.tokenizer, prompt, found, num_crops or self.num_crops)
-        feats = None
-        if p.images is not None:
+        n = num_crops or self.num_crops
+        if not found:
+            return Request(process(self.tokenizer, prompt, (), n).input_ids, None, options_from(**options))
+        imgs = [load_image(im) for im in found]
+        # token counts need no pixels: check the prompt's tags before any vision work
+        counts = [num_image_tokens(*hd_size(im.width, im.height, n)) for im in imgs]
+        ids = torch.tensor(build_input_ids(self.tokenizer, prompt, counts), dtype=torch.long)
+        return Request(ids, self.image_features(imgs, n), options_from(**options))
+
+    def image_features(self, images: Sequence[Image.Image], num_crops: int) -> torch.Tensor:
+        """Projected features of decoded RGB images, in order: from the feature cache where possible, the
+        rest through the image processor and the vision tower in one batch."""
+        keys = [image_key(im, num_crops) for im in images]
+        found = [self.cache.get(k) for k in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            inputs = preprocess([images[i] for i in todo], num_crops)
             with torch.inference_mode():
-                feats = self.model.encode_images(p.images.pixel_values, p.images.image_sizes)
-        return Request(p.input_ids, feats, options_from(**options))
+                new = self.model.encode_images(inputs.pixel_values, inputs.image_sizes)
+            for i, f in zip(todo, new.split(inputs.num_img_tokens)):
+                found[i] = f
+                self.cache.put(keys[i], f)
+        return torch.cat(found)
 
     def chat(self, messages: str | list[dict[str, Any]], images: Sequence[Any] = (), **options: Any) -> str:
         """Answer a conversation. `messages` are OpenAI-style dicts whose content is a string or a list of
@@ -184,15 +206,17 @@ def load(
     dtype: str | torch.dtype | None = None,
     num_crops: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    feature_cache_bytes: int = 512 << 20,
 ) -> Phi3V:
     """Load a checkpoint folder, or a hub id from the local Hugging Face cache, onto a device.
 
     device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N". dtype: "auto" (see `pick_dtype`),
     "bfloat16", "float16" or "float32". num_crops: image tiles, default from preprocessor_config.json.
+    feature_cache_bytes: memory for the features of recently seen images (0 turns the cache off).
     """
     folder = resolve_checkpoint(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, checkpoint_bytes(folder))
     tokenizer = Tokenizer.from_dir(folder)
     net = load_model(folder, device=dev, dtype=dt, progress=progress)
-    return Phi3V(net, tokenizer, num_crops or read_num_crops(folder))
+    return Phi3V(net, tokenizer, num_crops or read_num_crops(folder), feature_cache_bytes)
