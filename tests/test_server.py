@@ -174,7 +174,7 @@ def test_api_key(tiny_checkpoint):
 def test_queue_full_is_429(tiny_checkpoint):
     p, url = start_server(tiny_checkpoint, "--max-batch", "1", "--max-queue", "1")
     try:
-        long = {"messages": USER, "max_tokens": 60, "stream": False}
+        long = {"messages": USER, "max_tokens": 400, "ignore_eos": True}  # long enough to keep the row busy
         results = []
         threads = [threading.Thread(target=lambda: results.append(post(url, long)[0])) for _ in range(6)]
         for t in threads:
