@@ -122,3 +122,13 @@ def test_auto_dtype(monkeypatch):
     monkeypatch.setattr(api, "available_memory", lambda: 16 << 30)
     assert api.pick_dtype("auto", cpu, 8 << 30) == torch.bfloat16  # float32 would not fit
     assert api.pick_dtype("fp16", cpu) == torch.float16
+
+
+def test_data_uri_and_image_url_parts(tiny):
+    """OpenAI-style image_url parts work from Python too (data: URIs here; http(s) is fetched likewise)."""
+    import base64
+
+    data = png_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Hi"}]}]
+    assert tiny.chat(msg, max_new_tokens=4) == tiny.chat("Hi", images=[data], max_new_tokens=4)

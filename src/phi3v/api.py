@@ -19,6 +19,7 @@ from phi3v.image_processor import hd_size, load_image, num_image_tokens, preproc
 from phi3v.processing import process, read_num_crops
 from phi3v.prompt import Tokenizer, build_input_ids, chat_prompt
 from phi3v.sampling import SamplingParams
+from phi3v.sources import resolve_image
 from phi3v.weights import checkpoint_bytes, load_model, resolve_checkpoint
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
@@ -136,7 +137,7 @@ class Phi3V:
         n = num_crops or self.num_crops
         if not found:
             return Request(process(self.tokenizer, prompt, (), n).input_ids, None, options_from(**options))
-        imgs = [load_image(im) for im in found]
+        imgs = [load_image(resolve_image(im)) for im in found]  # paths, bytes, PIL, data: and http(s) URLs
         # token counts need no pixels: check the prompt's tags before any vision work
         counts = [num_image_tokens(*hd_size(im.width, im.height, n)) for im in imgs]
         ids = torch.tensor(build_input_ids(self.tokenizer, prompt, counts), dtype=torch.long)
