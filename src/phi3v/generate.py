@@ -58,6 +58,7 @@ class Request:
     generator: torch.Generator | None = None
     held: str = ""  # text withheld from streaming because it may be the start of a stop string
     limit: int = 0  # the most new tokens this request may produce (max_new_tokens within the context)
+    stop_ids: frozenset[int] = frozenset()  # token ids that end it: the tokenizer's plus the caller's
 
     @property
     def prompt_tokens(self) -> int:
@@ -113,6 +114,8 @@ class Batch:
             req.limit = min(req.options.max_new_tokens, max_pos - req.prompt_tokens)
             req.decoder = StreamDecoder(self.tokenizer)
             req.generator = req.options.sampling.make_generator()
+            eos = () if req.options.ignore_eos else self.tokenizer.stop_token_ids
+            req.stop_ids = frozenset(req.options.stop_token_ids) | frozenset(eos)
         self.cache.reserve(len(self.active) + len(reqs), max(r.prompt_tokens + r.limit for r in reqs))
         events: dict[int, Event] = {}
         for group in _similar_lengths(reqs):
@@ -173,28 +176,26 @@ class Batch:
         return events
 
     def _advance(self, r: Request, tok: int) -> Event:
-        stops = set(r.options.stop_token_ids) | (set() if r.options.ignore_eos else set(self.tokenizer.stop_token_ids))
-        if tok in stops:
-            r.finish_reason = "stop"
-            return Event(r, tok, self._release(r, final=True), "stop")
-        r.tokens.append(tok)
-        r.held += r.decoder.push(tok)
-        if r.options.stop:
-            cut = min((i for s in r.options.stop if (i := r.held.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                r.held, r.finish_reason = r.held[:cut], "stop"
-                return Event(r, tok, self._release(r, final=False, all_held=True), "stop")
-        if len(r.tokens) >= r.limit:
-            r.finish_reason = "length"
-            return Event(r, tok, self._release(r, final=True), "length")
-        return Event(r, tok, self._release(r, final=False), None)
-
-    def _release(self, r: Request, final: bool, all_held: bool = False) -> str:
-        """Move text out of `held`, keeping back a tail that could still become a stop string."""
-        if final:
+        reason = None
+        if tok in r.stop_ids:
+            reason = "stop"
+        else:
+            r.tokens.append(tok)
+            r.held += r.decoder.push(tok)
+            if len(r.tokens) >= r.limit:
+                reason = "length"
+        if reason is not None:
             r.held += r.decoder.flush()
-        keep = 0 if final or all_held or not r.options.stop else max(len(s) for s in r.options.stop) - 1
-        out, r.held = (r.held[: len(r.held) - keep], r.held[len(r.held) - keep :]) if keep else (r.held, "")
+        cut = min((i for s in r.options.stop if (i := r.held.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            r.held, reason = r.held[:cut], "stop"
+        r.finish_reason = reason
+        return Event(r, tok, self._release(r), reason)
+
+    def _release(self, r: Request) -> str:
+        """Move text out of `held`, keeping back a tail that could still become a stop string."""
+        keep = 0 if r.finish_reason or not r.options.stop else max(len(s) for s in r.options.stop) - 1
+        out, r.held = r.held[: len(r.held) - keep], r.held[len(r.held) - keep :]
         r.text += out
         return out
 
