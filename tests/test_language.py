@@ -10,23 +10,14 @@ from phi3v.rope import cos_sin, inv_freq
 from .conftest import crossing_config
 
 transformers = pytest.importorskip("transformers")
+from .hf_reference import phi3_config  # noqa: E402
 
 ATOL = 1e-4
 
 
 def hf_twin(model):
     """transformers' Phi3ForCausalLM with our text weights (same key names: no renaming)."""
-    t = model.config.text
-    rope = {"type": "su", "short_factor": list(t.short_factor), "long_factor": list(t.long_factor),
-            "original_max_position_embeddings": t.original_max_position_embeddings}  # fmt: skip
-    cfg = transformers.Phi3Config(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
-        max_position_embeddings=t.max_position_embeddings,
-        original_max_position_embeddings=t.original_max_position_embeddings, rope_scaling=rope,
-        pad_token_id=t.pad_token_id, attn_implementation="eager",
-    )  # fmt: skip
+    cfg = phi3_config(model.config.text)
     hf = transformers.Phi3ForCausalLM(cfg).eval()
     text_state = {k: v for k, v in model.state_dict().items() if "vision_embed_tokens" not in k}
     hf.load_state_dict(text_state, strict=True)

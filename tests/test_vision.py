@@ -7,16 +7,13 @@ from phi3v.checkpoint import random_model
 from phi3v.weights import CLIP_PREFIX
 
 transformers = pytest.importorskip("transformers")
+from .hf_reference import clip_config  # noqa: E402
 
 
 def test_clip_matches_transformers_layer_minus_2():
     model = random_model("tiny", seed=2)
     v = model.config.vision
-    hf_cfg = transformers.CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        hidden_act="quick_gelu", layer_norm_eps=v.layer_norm_eps, attn_implementation="eager",
-    )  # fmt: skip
+    hf_cfg = clip_config(v)
     hf = transformers.CLIPVisionModel(hf_cfg).eval()
     ours = {k[len(CLIP_PREFIX) :]: t for k, t in model.state_dict().items() if k.startswith(CLIP_PREFIX)}
     # transformers 4 nests the tower under `vision_model`; 5 does not.

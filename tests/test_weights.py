@@ -114,3 +114,42 @@ def test_hub_id_resolves_from_local_cache(tmp_path, monkeypatch, tiny_checkpoint
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     assert resolve_checkpoint("microsoft/Phi-3.5-vision-instruct") == repo / "snapshots" / "abc123"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_load(tiny_checkpoint, mode):
+    """Decoder linears get `mode`, lm_head and the vision side int8; the rest is as stored. The logits stay
+    close to the unquantized model's on the same input (issue 5)."""
+    from phi3v.linear import Int4Linear, Int8Linear
+
+    ref = load_model(tiny_checkpoint, dtype=torch.float32)
+    model = load_model(tiny_checkpoint, dtype=torch.float32, quantize=mode)
+    decoder_type = Int8Linear if mode == "int8" else Int4Linear
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, decoder_type)
+    assert isinstance(model.model.layers[1].self_attn.qkv_proj, decoder_type)
+    assert isinstance(model.lm_head, Int8Linear)
+    clip_layer = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0]
+    assert isinstance(clip_layer.self_attn.q_proj, Int8Linear)
+    assert torch.equal(clip_layer.self_attn.q_proj.bias, ref.model.vision_embed_tokens.img_processor.vision_model
+                       .encoder.layers[0].self_attn.q_proj.bias)  # fmt: skip
+    assert isinstance(model.model.vision_embed_tokens.img_projection[2], Int8Linear)
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    want, got = ref(ids), model(ids)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (0.03 if mode == "int8" else 0.2), err  # a layout or scale bug gives ~1
+
+
+def test_quantize_vision_off_keeps_dense_vision(tiny_checkpoint):
+    from phi3v.linear import Int8Linear, Linear
+
+    model = load_model(tiny_checkpoint, dtype=torch.float32, quantize="int8", quantize_vision=False)
+    assert type(model.model.vision_embed_tokens.img_projection[0]) is Linear
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
+
+
+def test_quantize_errors(tiny_checkpoint):
+    with pytest.raises(Phi3VError, match="unknown quantization 'int2'"):
+        load_model(tiny_checkpoint, quantize="int2")
+    with pytest.raises(Phi3VError, match="group size 128 does not divide in_features 64"):
+        load_model(tiny_checkpoint, quantize="int4", group_size=128)

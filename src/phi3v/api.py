@@ -15,6 +15,7 @@ from phi3v.errors import Phi3VError
 from phi3v.generate import Batch, Event, GenerationOptions, Request, generate
 from phi3v.model import Phi3VForCausalLM
 from phi3v.feature_cache import FeatureCache, image_key
+from phi3v.linear import cpu_has_fast_bf16
 from phi3v.image_processor import hd_size, load_image, num_image_tokens, preprocess
 from phi3v.processing import process, read_num_crops
 from phi3v.prompt import Tokenizer, build_input_ids, chat_prompt
@@ -40,16 +41,6 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise Phi3VError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX); without them PyTorch's
-    bfloat16 matmul is emulated and several times slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: keep the memory-lean default
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def available_memory() -> int | None:
@@ -208,16 +199,21 @@ def load(
     num_crops: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     feature_cache_bytes: int = 512 << 20,
+    quantize: str | None = None,
+    group_size: int = 32,
 ) -> Phi3V:
     """Load a checkpoint folder, or a hub id from the local Hugging Face cache, onto a device.
 
     device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N". dtype: "auto" (see `pick_dtype`),
     "bfloat16", "float16" or "float32". num_crops: image tiles, default from preprocessor_config.json.
     feature_cache_bytes: memory for the features of recently seen images (0 turns the cache off).
+    quantize: None, "int8" or "int4" (groups of `group_size` inputs): weight-only quantization of the
+    linear layers while loading; about 2x / 3.5x less memory and faster decoding (docs/benchmarks.md).
     """
     folder = resolve_checkpoint(model)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev, checkpoint_bytes(folder))
+    quantize = None if quantize in (None, "none") else quantize
+    dt = pick_dtype(dtype, dev, checkpoint_bytes(folder) if quantize is None else 0)
     tokenizer = Tokenizer.from_dir(folder)
-    net = load_model(folder, device=dev, dtype=dt, progress=progress)
+    net = load_model(folder, device=dev, dtype=dt, progress=progress, quantize=quantize, group_size=group_size)
     return Phi3V(net, tokenizer, num_crops or read_num_crops(folder), feature_cache_bytes)

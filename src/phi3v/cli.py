@@ -30,6 +30,7 @@ class Settings:
     model: str
     device: str
     dtype: str
+    quantize: str
     num_crops: int | None
     max_new_tokens: int
     temperature: float
@@ -56,6 +57,8 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
                      show_default=True, help="auto: bfloat16 on GPUs and bf16-capable CPUs, else float32."),
+        click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+                     help="Weight-only quantization while loading: less memory, faster decoding."),
         click.option("--num-crops", type=click.IntRange(1, 64),
                      help="Image tiles (16: one detailed image, 4: several); default from the checkpoint."),
         click.option("--max-new-tokens", type=click.IntRange(1, 131072), default=512, show_default=True),
@@ -94,7 +97,8 @@ def load_with_progress(s: Settings) -> Any:
 
     t0 = time.perf_counter()
     try:
-        model = phi3v.load(s.model, device=s.device, dtype=s.dtype, num_crops=s.num_crops, progress=progress)
+        model = phi3v.load(s.model, device=s.device, dtype=s.dtype, num_crops=s.num_crops, progress=progress,
+                            quantize=s.quantize)
     finally:
         if bar is not None:
             bar.close()
@@ -306,6 +310,8 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
 @click.option("--api-key", envvar="PHI3V_API_KEY", help="Require 'Authorization: Bearer KEY' (env PHI3V_API_KEY).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization while loading: less memory, faster decoding.")
 @click.option("--num-crops", type=click.IntRange(1, 64), help="Default image tiles (requests may set num_crops).")
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (off by default).")
 @click.option("--allowed-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -319,8 +325,8 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
 @click.option("--max-prompt-tokens", type=click.IntRange(1), help="Longest prompt accepted (default: the context).")
 @click.option("--max-new-tokens", default=4096, show_default=True, type=click.IntRange(1),
               help="Largest max_tokens a request may ask for.")
-def serve(model: str, host: str, port: int, api_key: str | None, device: str, dtype: str, num_crops: int | None,
-          **limits: Any) -> None:  # fmt: skip
+def serve(model: str, host: str, port: int, api_key: str | None, device: str, dtype: str, quantize: str,
+          num_crops: int | None, **limits: Any) -> None:  # fmt: skip
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) with continuous batching.
 
     Example: phi3v serve --model microsoft/Phi-3.5-vision-instruct --port 8000
@@ -335,7 +341,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, device: str, dt
 
     name = Path(model).name if Path(model).expanduser().is_dir() else model
     cfg = ServerConfig(model_name=name, api_key=api_key, **limits)
-    app = create_app(cfg, lambda: phi3v.load(model, device=device, dtype=dtype, num_crops=num_crops))
+    app = create_app(cfg, lambda: phi3v.load(model, device=device, dtype=dtype, num_crops=num_crops, quantize=quantize))
     click.echo(f"phi3v serving {model} on http://{host}:{port}/v1 (loading in the background; see /health)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

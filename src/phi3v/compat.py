@@ -104,12 +104,13 @@ class Phi3VForCausalLM(_model.Phi3VForCausalLM):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = None, torch_dtype: Any = None, device_map: Any = None,
-                        **_: Any) -> Phi3VForCausalLM:  # fmt: skip
-        """Load weights; `dtype`/`torch_dtype` ("auto" = bfloat16), `device_map` ("cuda", "cpu", "auto")."""
+                        quantize: str | None = None, **_: Any) -> Phi3VForCausalLM:  # fmt: skip
+        """Load weights; `dtype`/`torch_dtype` ("auto" = bfloat16), `device_map` ("cuda", "cpu", "auto"),
+        `quantize` (None, "int8", "int4": phi3v's own extension)."""
         folder = resolve_checkpoint(path)
         device = pick_device(device_map if isinstance(device_map, str) else "cpu")
-        dtype = pick_dtype(dtype or torch_dtype, device, checkpoint_bytes(folder))
-        model = load_model(folder, device=device, dtype=dtype, cls=cls)
+        dtype = pick_dtype(dtype or torch_dtype, device, checkpoint_bytes(folder) if quantize is None else 0)
+        model = load_model(folder, device=device, dtype=dtype, cls=cls, quantize=quantize)
         if (folder / "tokenizer.json").exists():
             model.tokenizer = Tokenizer.from_dir(folder)
         return model

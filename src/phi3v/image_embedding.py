@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
+from phi3v.linear import Linear
 from phi3v.vision import CLIPVisionModel
 
 
@@ -45,7 +46,7 @@ class ImageEmbedding(nn.Module):
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, c4))
         # Sequential so that the keys are img_projection.0 / .2 (index 1 is the parameter-free GELU).
         self.img_projection = nn.Sequential(
-            nn.Linear(c4, cfg.text.hidden_size), nn.GELU(), nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+            Linear(c4, cfg.text.hidden_size), nn.GELU(), Linear(cfg.text.hidden_size, cfg.text.hidden_size)
         )
 
     def forward(self, pixel_values: Tensor, image_sizes: Tensor) -> Tensor:
@@ -62,4 +63,4 @@ class ImageEmbedding(nn.Module):
             seqs.append(hd_feature_transform(merged[start : start + 1 + h * w], h, w, self.sub_GN, self.glb_GN))
             start += 1 + h * w
         x = torch.cat(seqs)
-        return self.img_projection(x.to(self.img_projection[0].weight.dtype))
+        return self.img_projection(x.to(self.sub_GN.dtype))

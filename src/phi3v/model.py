@@ -13,7 +13,8 @@ from phi3v.config import Phi3VConfig
 from phi3v.errors import Phi3VError
 from phi3v.image_embedding import ImageEmbedding
 from phi3v.kv_cache import KVCache
-from phi3v.language import AttentionInputs, DecoderLayer, Linear, RMSNorm
+from phi3v.language import AttentionInputs, DecoderLayer, RMSNorm
+from phi3v.linear import Linear
 from phi3v.rope import cos_sin
 
 
@@ -40,11 +41,11 @@ class Phi3VForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def encode_images(self, pixel_values: Tensor, image_sizes: Tensor) -> Tensor:
         """Projected image tokens of all images, in image order: (sum of T_img, hidden) (spec §4)."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import VisionConfig
+from phi3v.linear import Linear
 
 
 class CLIPEmbeddings(nn.Module):
@@ -35,8 +36,8 @@ class CLIPAttention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         c = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.out_proj = nn.Linear(c, c)
+        self.q_proj, self.k_proj, self.v_proj = Linear(c, c), Linear(c, c), Linear(c, c)
+        self.out_proj = Linear(c, c)
 
     def forward(self, x: Tensor) -> Tensor:
         N, T, C = x.shape
@@ -51,8 +52,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)

@@ -15,11 +15,13 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from phi3v.config import Phi3VConfig
 from phi3v.errors import Phi3VError
+from phi3v.linear import QUANT_MODES, pack_for_cpu, quantize_layer
 from phi3v.model import Phi3VForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,12 +92,13 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 def iter_tensors(
-    path: Path, names: set[str], convert: Callable[[torch.Tensor], torch.Tensor | None]
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: Path, names: set[str], convert: Callable[[str, torch.Tensor], Any]
+) -> Iterator[tuple[str, Any]]:
     """Yield (name, tensor) for `names` in one shard, each a view of a read-only memory map of the file.
 
-    `convert(view)` returns a converted copy, whose file pages are then dropped from our resident set,
-    or None to keep the view itself: zero-copy, paged in on first use and shared with the OS page cache.
+    `convert(name, view)` returns a converted copy (or a quantized layer), whose file pages are then
+    dropped from our resident set, or None to keep the view itself: zero-copy, paged in on first use and
+    shared with the OS page cache.
     """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -112,7 +115,7 @@ def iter_tensors(
         with warnings.catch_warnings():  # a read-only map: tensors made from it must never be written to
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start).view(dtype).reshape(shape)
-        out = convert(view)
+        out = convert(name, view)
         if out is None:
             yield name, view
             continue
@@ -140,11 +143,19 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     cls: type[Phi3VForCausalLM] = Phi3VForCausalLM,
     progress: Callable[[int, int], None] | None = None,
+    quantize: str | None = None,
+    group_size: int = 32,
+    quantize_vision: bool = True,
 ) -> Phi3VForCausalLM:
     """Build the model on the meta device and fill it from the folder's safetensors (strict key check).
 
+    quantize: None, "int8" or "int4" for the decoder's linear layers (int4 in groups of `group_size`
+    inputs); lm_head and, with `quantize_vision`, the vision tower and projector then get int8. Each
+    layer is quantized as it is read, so no full-precision copy of the model is ever in memory.
     `progress(done, total)` is called after each tensor, for a progress bar.
     """
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise Phi3VError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_MODES)} or none")
     folder = resolve_checkpoint(folder)
     cfg = Phi3VConfig.from_file(folder / "config.json") if (folder / "config.json").exists() else None
     if cfg is None:
@@ -164,7 +175,12 @@ def load_model(
             f"unexpected keys {_short(unexpected)}"
         )
 
-    def convert(t: torch.Tensor) -> torch.Tensor | None:
+    modes = quant_plan(model, quantize, quantize_vision)
+
+    def convert(name: str, t: torch.Tensor) -> Any:
+        mode = modes.get(renamed[name].removesuffix(".weight"))
+        if mode is not None:
+            return quantize_layer(t, None, mode, device, group_size)
         want = dtype if t.is_floating_point() else t.dtype
         if device.type == "cpu" and t.dtype == want:
             return None  # already right: use the memory-mapped file directly
@@ -174,17 +190,44 @@ def load_model(
     for ours, theirs in stored.items():
         by_file.setdefault(files[theirs], set()).add(theirs)
     renamed = {theirs: ours for ours, theirs in stored.items()}
-    state = {}
+    state, layers, done = {}, {}, 0
     for path, names in sorted(by_file.items()):
         for name, t in iter_tensors(path, names, convert):
             ours = renamed[name]
-            if t.shape != want[ours]:
-                raise Phi3VError(f"{name} has shape {tuple(t.shape)} in {path.name}, expected {tuple(want[ours])}")
-            state[ours] = t
+            shape = (t.out_features, t.in_features) if isinstance(t, torch.nn.Module) else t.shape
+            if tuple(shape) != tuple(want[ours]):
+                raise Phi3VError(f"{name} has shape {tuple(shape)} in {path.name}, expected {tuple(want[ours])}")
+            if isinstance(t, torch.nn.Module):
+                layers[ours.removesuffix(".weight")] = t
+            else:
+                state[ours] = t
+            done += 1
             if progress is not None:
-                progress(len(state), len(stored))
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+                progress(done, len(stored))
+    for name, layer in layers.items():
+        if f"{name}.bias" in state:
+            layer.bias = state.pop(f"{name}.bias")
+        model.set_submodule(name, layer)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    left = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in layers] + result.unexpected_keys
+    assert not left, f"keys checked above did not load: {left}"
+    model = model.eval().requires_grad_(False)
+    return pack_for_cpu(model) if device.type == "cpu" else model
+
+
+def quant_plan(model: torch.nn.Module, quantize: str | None, quantize_vision: bool) -> dict[str, str]:
+    """module name -> "int8"/"int4" for each linear layer to quantize."""
+    if quantize is None:
+        return {}
+    plan = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if name.startswith("model.layers."):
+            plan[name] = quantize
+        elif name == "lm_head" or quantize_vision:
+            plan[name] = "int8"  # int4 would save little memory here and cost accuracy
+    return plan
 
 
 def _short(keys: list[str], n: int = 8) -> str:

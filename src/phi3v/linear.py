@@ -1,0 +1,213 @@
+"""Linear layers and the matmul kernel each one uses: dense, int8 and int4 weight-only (issue 5).
+
+Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CPU:
+- float32, few rows (decoding): oneDNN with its own weight layout reads the weights 1.8x faster than
+  MKL's GEMV; `pack()` converts a layer once after loading.
+- bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
+  temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
+- int8 / int4: PyTorch's weight-only kernels for few rows, fed bfloat16 activations (float32 ones run
+  10-20x slower). Many rows dequantize the layer's weight and use the dense GEMM, twice as fast as
+  the int kernels there, at the cost of one layer's weight in temporary memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from phi3v.errors import Phi3VError
+
+# Up to this many rows a product counts as "decoding" and goes to the few-row kernels.
+FEW_ROWS = 32
+QUANT_MODES = ("int8", "int4")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX); without them PyTorch's
+    bfloat16 matmul is emulated and several times slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: assume a modern CPU
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with faster routes on the CPU (see the module docstring). Same math; only the
+    summation order may differ."""
+
+    def pack(self) -> None:
+        """Move a float32 CPU weight into oneDNN's blocked layout (replaces it: no extra memory kept)."""
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and not self.weight.is_mkldnn:
+            self.weight = nn.Parameter(self.weight.detach().to_mkldnn(), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.float() need the plain layout back
+        if self.weight.is_mkldnn:
+            self.weight = nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # state_dict() stays plain tensors
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:
+            destination[prefix + "weight"] = self.weight.detach().to_dense()
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if w.is_mkldnn:
+            y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).float().to_mkldnn(), w).to_dense()
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        if x.device.type == "cpu" and w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and not cpu_has_fast_bf16():
+            return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
+        return super().forward(x)
+
+
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """Give every float32 CPU `Linear` of `model` the oneDNN layout (a no-op elsewhere)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.pack()
+    return model
+
+
+def _kernel_dtype(x: Tensor) -> torch.dtype:
+    """The activation dtype PyTorch's weight-only kernels run fast in on this device."""
+    return torch.bfloat16 if x.device.type == "cpu" or x.dtype == torch.float32 else x.dtype
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8, one symmetric scale per output channel: W ~= qweight * scales[:, None]."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)  # float32
+        self.register_buffer("bias", bias)
+        self._kernel_scales: dict[torch.dtype, Tensor] = {}
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device) -> Int8Linear:
+        """Quantize `weight` (any float dtype, any device) onto `device`, a block of rows at a time."""
+        q = torch.empty(weight.shape, dtype=torch.int8, device=device)
+        scales = torch.empty(weight.shape[0], dtype=torch.float32, device=device)
+        for lo in range(0, weight.shape[0], 4096):
+            w = weight[lo : lo + 4096].to(device=device, dtype=torch.float32)
+            s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            q[lo : lo + 4096] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            scales[lo : lo + 4096] = s
+        return cls(q, scales, None if bias is None else bias.to(device))
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _rows(x) > FEW_ROWS:
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        kd = _kernel_dtype(x)
+        if kd not in self._kernel_scales:
+            self._kernel_scales[kd] = self.scales.to(kd)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(kd), self.qweight, self._kernel_scales[kd])
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4, asymmetric per group of `group_size` inputs: W ~= (q - 8) * scale + zero.
+
+    `qweight` is in the layout of PyTorch's int4 kernel for the device; `scales_and_zeros` is
+    (in_features / group_size, out_features, 2) in the kernel's activation dtype (bfloat16).
+    """
+
+    def __init__(self, qweight: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, shape: tuple[int, int],
+                 group_size: int):  # fmt: skip
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device, group_size: int) -> Int4Linear:
+        """Quantize `weight` onto `device` with min/max scaling per group (15 steps between them)."""
+        n, k = weight.shape
+        if k % group_size:
+            raise Phi3VError(f"int4 group size {group_size} does not divide in_features {k}; use 32, 64 or 128")
+        q = torch.empty((n, k), dtype=torch.int32, device=device)
+        sz = torch.empty((k // group_size, n, 2), dtype=torch.bfloat16, device=device)
+        for lo in range(0, n, 4096):
+            w = weight[lo : lo + 4096].to(device=device, dtype=torch.float32).reshape(-1, k // group_size, group_size)
+            lo_v, hi_v = w.amin(dim=-1), w.amax(dim=-1)
+            scale = ((hi_v - lo_v) / 15).clamp(min=1e-12)
+            q[lo : lo + 4096] = torch.round((w - lo_v[..., None]) / scale[..., None]).clamp_(0, 15).reshape(-1, k).int()
+            # Store scale and the value of code 8, the kernel's zero point: (q - 8) * scale + zero.
+            sz[:, lo : lo + 4096] = torch.stack([scale, lo_v + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16)
+        return cls(_pack_int4(q), sz, None if bias is None else bias.to(device), (n, k), group_size)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        q = _unpack_int4(self.qweight, self.out_features, self.in_features).float()
+        s, z = self.scales_and_zeros.float().unbind(-1)  # (groups, n)
+        g = self.group_size
+        w = (q.reshape(self.out_features, -1, g) - 8) * s.t()[..., None] + z.t()[..., None]
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] > FEW_ROWS and x.device.type == "cpu" and _cpu_int4_block() is not None:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        elif x.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
+                                                  self.scales_and_zeros)  # fmt: skip
+        else:
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def _pack_int4(q: Tensor) -> Tensor:
+    """int32 codes 0..15 (n, k) -> the int4 kernel's weight layout on q's device."""
+    if q.device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    return torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+
+
+def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
+    """The CPU kernel's layout back to (n, k) codes: blocks of `b` output rows, and within a block for
+    each input column b/2 bytes whose low nibbles hold rows 0..b/2-1 and high nibbles the rest."""
+    b = _cpu_int4_block()
+    p = packed.reshape(n // b, k, b // 2)
+    q = torch.cat([p & 15, p >> 4], dim=-1)  # (n/b, k, b)
+    return q.transpose(1, 2).reshape(n, k)
+
+
+@functools.cache
+def _cpu_int4_block() -> int | None:
+    """The row-block size of the CPU int4 layout (it depends on the instruction set), found by packing
+    a probe; None when no candidate reproduces it, and dequantizing is then not offered."""
+    probe = torch.randint(0, 16, (256, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for b in (16, 32, 64, 128, 256):
+        if packed.numel() * 2 == probe.numel():
+            p = packed.reshape(256 // b, 64, b // 2)
+            if torch.equal(torch.cat([p & 15, p >> 4], dim=-1).transpose(1, 2).reshape(256, 64).int(), probe):
+                return b
+    return None
+
+
+def quantize_layer(weight: Tensor, bias: Tensor | None, mode: str, device: torch.device, group_size: int) -> nn.Module:
+    """A quantized replacement for `layer` built from the stored `weight` (and `bias`)."""
+    if mode == "int8":
+        return Int8Linear.quantize(weight, bias, device)
+    if mode == "int4":
+        return Int4Linear.quantize(weight, bias, device, group_size)
+    raise Phi3VError(f"unknown quantization {mode!r}; use one of {', '.join(QUANT_MODES)} or none")

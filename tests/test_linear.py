@@ -1,0 +1,93 @@
+"""Linear kernels (src/phi3v/linear.py): every fast route against plain float32 math on the same weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phi3v import linear
+from phi3v.errors import Phi3VError
+from phi3v.linear import Int4Linear, Int8Linear, Linear, _pack_int4, _unpack_int4, pack_for_cpu, quantize_layer
+
+CPU = torch.device("cpu")
+
+
+def weights(n=256, k=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g) * 0.01
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_packed_float32_matches_plain_and_stays_a_plain_module():
+    w, b = weights()
+    layer = Linear(128, 256)
+    layer.weight.data, layer.bias.data = w.clone(), b.clone()
+    x = torch.randn(3, 5, 128)
+    want = F.linear(x, w, b)
+    layer.pack()
+    assert layer.weight.is_mkldnn
+    for rows in (x[:1, :1], x):  # decode-sized and prefill-sized
+        assert (layer(rows) - F.linear(rows, w, b)).abs().max() < 1e-5
+    assert torch.equal(layer.state_dict()["weight"], w)  # state_dict() is plain tensors
+    layer.to(torch.float32)  # any .to() restores the plain layout
+    assert not layer.weight.is_mkldnn and torch.equal(layer.weight, w)
+    assert (layer(x) - want).abs().max() < 1e-5
+
+
+def test_bf16_many_rows_run_in_float32_on_cpus_without_bf16(monkeypatch):
+    w, _ = weights()
+    layer = Linear(128, 256, bias=False).to(torch.bfloat16)
+    layer.weight.data = w.bfloat16()
+    x = torch.randn(linear.FEW_ROWS + 1, 128).bfloat16()
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: False)
+    assert torch.equal(layer(x), F.linear(x.float(), w.bfloat16().float()).bfloat16())
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: True)
+    assert torch.equal(layer(x), F.linear(x, w.bfloat16()))
+
+
+def test_int4_layout_round_trips():
+    q = torch.randint(0, 16, (192, 64), dtype=torch.int32)
+    assert torch.equal(_unpack_int4(_pack_int4(q), 192, 64).int(), q)
+
+
+@pytest.mark.parametrize("mode, weight_err", [("int8", 0.01), ("int4", 0.1)])
+def test_quantized_layers_match_dequantized_math(mode, weight_err):
+    """Both routes (the int kernel for few rows, dequantize + GEMM for many) compute x @ dequant(W).T."""
+    w, b = weights()
+    layer = quantize_layer(w.bfloat16(), b, mode, CPU, group_size=32)
+    assert isinstance(layer, Int8Linear if mode == "int8" else Int4Linear)
+    deq = layer.dequantize(torch.float32)
+    assert rel(deq, w) < weight_err  # 8 bits per channel, or 4 bits per group of 32
+    for rows in (1, 4, linear.FEW_ROWS + 1, 100):
+        x = torch.randn(rows, 128)
+        want = F.linear(x, deq, b)
+        got = layer(x)
+        assert got.dtype == x.dtype and got.shape == want.shape
+        # The kernels take bf16 activations on the CPU: about 3 significant digits.
+        assert rel(got, want) < 5e-3, (rows, rel(got, want))
+
+
+def test_int8_error_is_per_channel():
+    """A channel of large weights does not coarsen the others (one scale per output row)."""
+    w, _ = weights()
+    w[0] *= 1000
+    deq = Int8Linear.quantize(w, None, CPU).dequantize(torch.float32)
+    assert rel(deq[1:], w[1:]) < 0.01
+
+
+def test_int4_group_size_must_divide_inputs():
+    with pytest.raises(Phi3VError, match="group size 48 does not divide in_features 128"):
+        quantize_layer(weights()[0], None, "int4", CPU, group_size=48)
+
+
+def test_unknown_mode():
+    with pytest.raises(Phi3VError, match="unknown quantization 'int3'"):
+        quantize_layer(weights()[0], None, "int3", CPU, group_size=32)
+
+
+def test_pack_for_cpu_only_touches_float32_linears():
+    model = torch.nn.Sequential(Linear(8, 8), Linear(8, 8).to(torch.bfloat16), torch.nn.Linear(8, 8))
+    pack_for_cpu(model)
+    assert [m.weight.is_mkldnn for m in model] == [True, False, False]
