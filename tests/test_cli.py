@@ -234,13 +234,14 @@ def test_data_uri_source():
         resolve_image("ftp://example/x.png")
 
 
-def test_demo_runs_the_three_tasks(tmp_path):
-    r = phi3v("demo", "--dir", tmp_path, "--max-new-tokens", "4")
+def test_quantize_flag(tiny_checkpoint, tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(img)
+    r = phi3v("ask", img, "-p", "Colour?", "--quantize", "int8", "--max-new-tokens", "3", "--json", model=tiny_checkpoint)
     assert r.returncode == 0, r.stderr
-    assert "RANDOM weights" in r.stdout
-    assert r.stdout.count("answer:") == 3 and r.stdout.count("question:") == 3
-    for name in ("chart.png", "cover.png", "scene_a.png", "scene_b.png"):
-        assert (tmp_path / name).exists() and name in r.stdout
+    assert json.loads(r.stdout)["completion_tokens"] >= 1
+    r = phi3v("ask", img, "-p", "Colour?", "--quantize", "int3", model=tiny_checkpoint)
+    assert r.returncode == 2 and "'int3' is not one of" in r.stderr
 
 
 def test_make_checkpoint_then_load(tmp_path):

@@ -130,7 +130,8 @@ class Phi3V:
             return Request(process(self.tokenizer, prompt, (), n).input_ids, None, options_from(**options))
         imgs = [load_image(resolve_image(im)) for im in found]  # paths, bytes, PIL, data: and http(s) URLs
         # token counts need no pixels: check the prompt's tags before any vision work
-        counts = [num_image_tokens(*hd_size(im.width, im.height, n)) for im in imgs]
+        side = self.model.config.vision.tokens_per_side
+        counts = [num_image_tokens(*hd_size(im.width, im.height, n), side) for im in imgs]
         ids = torch.tensor(build_input_ids(self.tokenizer, prompt, counts), dtype=torch.long)
         return Request(ids, self.image_features(imgs, n), options_from(**options))
 
@@ -141,7 +142,7 @@ class Phi3V:
         found = [self.cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
-            inputs = preprocess([images[i] for i in todo], num_crops)
+            inputs = preprocess([images[i] for i in todo], num_crops, side=self.model.config.vision.tokens_per_side)
             with torch.inference_mode():
                 new = self.model.encode_images(inputs.pixel_values, inputs.image_sizes)
             for i, f in zip(todo, new.split(inputs.num_img_tokens)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -142,20 +143,38 @@ def write_checkpoint(
     return folder
 
 
-def write_byte_tokenizer(folder: Path) -> None:
-    """A byte-level stand-in for the Llama tokenizer, with Phi-3's chat special tokens.
+def write_byte_tokenizer(folder: Path, corpus: Iterable[str] = (), vocab_size: int = 0) -> None:
+    """A Llama-style tokenizer with Phi-3's chat special tokens: byte fallback, optionally BPE merges.
 
     Every UTF-8 byte has its own id (as in SentencePiece's byte fallback), so any text round-trips; the
-    special tokens keep their strings and flags (spec §6.1) but not Phi-3's ids.
+    special tokens keep their strings and flags (spec §6.1) but not Phi-3's ids. With a `corpus`, BPE
+    merges up to `vocab_size` are learned from it (the pocket model's own tokenizer).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
 
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
     vocab["▁"] = len(vocab)
-    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    merges: list[tuple[str, str]] = []
+    corpus = list(corpus)
+    if corpus:
+        learner = Tokenizer(BPE(unk_token="<unk>"))
+        learner.normalizer = normalizer
+        # Learn merges inside words only, and none between digits (as Llama's tokenizer), so that the
+        # greedy merges of the final tokenizer never cross a word and numbers read digit by digit.
+        learner.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split("▁", behavior="merged_with_next"), pre_tokenizers.Digits(individual_digits=True)]
+        )
+        learner.train_from_iterator(corpus, BpeTrainer(vocab_size=vocab_size, show_progress=False))
+        learned = json.loads(learner.to_str())["model"]
+        for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+            vocab.setdefault(piece, len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )

@@ -24,7 +24,7 @@ from phi3v import model as _model
 from phi3v.api import options_from, pick_device, pick_dtype
 from phi3v.errors import Phi3VError
 from phi3v.generate import Request, generate
-from phi3v.processing import process, read_num_crops
+from phi3v.processing import process, read_num_crops, read_tokens_per_side
 from phi3v.prompt import IMAGE_TAG, Tokenizer
 from phi3v.weights import checkpoint_bytes, load_model, resolve_checkpoint
 
@@ -45,14 +45,14 @@ class BatchFeature(dict):
 class Phi3VProcessor:
     """Prompt tokenization and image preprocessing, as `AutoProcessor` returns for the official models."""
 
-    def __init__(self, tokenizer: Tokenizer, num_crops: int = 16):
-        self.tokenizer, self.num_crops = tokenizer, num_crops
+    def __init__(self, tokenizer: Tokenizer, num_crops: int = 16, side: int = 12):
+        self.tokenizer, self.num_crops, self.side = tokenizer, num_crops, side
 
     @classmethod
     def from_pretrained(cls, path: str | Path, num_crops: int | None = None, **_: Any) -> Phi3VProcessor:
         """Load from a checkpoint folder or cached hub id; `trust_remote_code` and the like are ignored."""
         folder = resolve_checkpoint(path)
-        return cls(Tokenizer.from_dir(folder), num_crops or read_num_crops(folder))
+        return cls(Tokenizer.from_dir(folder), num_crops or read_num_crops(folder), read_tokens_per_side(folder))
 
     def __call__(self, text: str | Sequence[str], images: Any = None, return_tensors: str | None = "pt",
                  num_crops: int | None = None, **_: Any) -> BatchFeature:  # fmt: skip
@@ -68,7 +68,7 @@ class Phi3VProcessor:
         parts, start = [], 0
         for p in prompts:
             k = len(set(IMAGE_TAG.findall(p))) if images else 0
-            parts.append(process(self.tokenizer, p, images[start : start + k], num_crops or self.num_crops))
+            parts.append(process(self.tokenizer, p, images[start : start + k], num_crops or self.num_crops, self.side))
             start += k
         if start != len(images):
             raise Phi3VError(f"{len(images)} images were given but the prompts' <|image_N|> tags use {start}")

@@ -41,6 +41,11 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def tokens_per_side(self) -> int:
+        """Merged tokens along a crop's side after the 2x2 merge: 12 for Phi-3-V (spec §4.3)."""
+        return self.image_size // self.patch_size // 2
+
+    @property
     def layers_to_run(self) -> int:
         """Encoder layers needed to reach `layer_idx`; later layers are never built (spec §4.2)."""
         # hidden_states has num_layers+1 entries (the embeddings first), so index -2 is layer L-1's output.
@@ -101,7 +106,11 @@ class Phi3VConfig:
             vision_kw.setdefault("layer_idx", img["layer_idx"])
         vision = VisionConfig(**_known(VisionConfig, vision_kw, VISION_CONFIG_KEY))
         _check_embedding(d, img, vision)
-        return cls(text=text, vision=vision, num_img_tokens=int(img.get("num_img_tokens", 144)))
+        tokens = int(img.get("num_img_tokens", vision.tokens_per_side**2))
+        if tokens != vision.tokens_per_side**2:
+            raise Phi3VError(f"config.json img_processor.num_img_tokens is {tokens}, but the vision tower gives "
+                             f"{vision.tokens_per_side**2} per crop")  # fmt: skip
+        return cls(text=text, vision=vision, num_img_tokens=tokens)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Phi3VConfig:
@@ -204,5 +213,6 @@ def _check_embedding(d: dict[str, Any], img: dict[str, Any], vision: VisionConfi
         raise Phi3VError("config.json embd_layer: only the HD transform in 'sub_glb' order is supported (spec §4.3)")
     if img.get("type_feature", "patch") != "patch":
         raise Phi3VError("config.json img_processor.type_feature must be 'patch' (spec §4.2)")
-    if vision.image_size // vision.patch_size != 24:
-        raise Phi3VError("the vision tower must see 24x24 patches per 336 px crop (spec §4.1)")
+    # Phi-3-V has 24x24 patches per 336 px crop; phi3v also runs other even grids (the pocket model's 8x8).
+    if vision.image_size != 336 or (vision.image_size // vision.patch_size) % 2 or vision.image_size % vision.patch_size:
+        raise Phi3VError("the vision tower must see an even grid of patches per 336 px crop, 24x24 for Phi-3-V (spec §4.1)")

@@ -23,7 +23,6 @@ from PIL import Image
 from phi3v.errors import Phi3VError, TooLarge
 
 CROP = 336
-TOKENS_PER_CROP = 144
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default
@@ -40,11 +39,11 @@ class ImageInputs:
     num_img_tokens: list[int]
 
 
-def num_image_tokens(h_pad: int, w_pad: int) -> int:
-    """T_img for a padded HD size: 144 per crop (tiles + global), 12 row separators per tile row + 12 global
-    ones, and glb_GN (spec §4.3 step 6, §5.5)."""
+def num_image_tokens(h_pad: int, w_pad: int, side: int = 12) -> int:
+    """T_img for a padded HD size: side^2 = 144 per crop (tiles + global), `side` row separators per tile
+    row and for the global view, and glb_GN (spec §4.3 step 6, §5.5). `side` is 12 for Phi-3-V."""
     h_c, w_c = h_pad // CROP, w_pad // CROP
-    return (h_c * w_c + 1) * TOKENS_PER_CROP + 1 + (h_c + 1) * 12
+    return (h_c * w_c + 1) * side * side + 1 + (h_c + 1) * side
 
 
 def _check_num_crops(num_crops: int) -> None:
@@ -244,10 +243,11 @@ def crops_of(hd: torch.Tensor, num_crops: int) -> torch.Tensor:
 
 
 def preprocess(images: Sequence[ImageSource] | ImageSource, num_crops: int = 16, *,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInputs:
+               max_pixels: int = DEFAULT_MAX_PIXELS, side: int = 12) -> ImageInputs:
     """`Phi3VImageProcessor.preprocess` (spec §5): load, HD-transform, normalise, crop, zero-pad, stack.
 
-    A single image (not in a list) is accepted as a batch of one.
+    A single image (not in a list) is accepted as a batch of one. `side`: the model's merged tokens per
+    crop side (`VisionConfig.tokens_per_side`), which only changes the token counts.
     """
     _check_num_crops(num_crops)
     if isinstance(images, (Image.Image, str, bytes, bytearray, os.PathLike)):
@@ -262,7 +262,7 @@ def preprocess(images: Sequence[ImageSource] | ImageSource, num_crops: int = 16,
         _, h, w = hd.shape
         pixel_values.append(crops_of(hd, num_crops))
         sizes.append((h, w))
-        tokens.append(num_image_tokens(h, w))
+        tokens.append(num_image_tokens(h, w, side))
     empty = torch.zeros(0, num_crops + 1, 3, CROP, CROP)
     return ImageInputs(
         pixel_values=torch.stack(pixel_values) if pixel_values else empty,

@@ -41,10 +41,15 @@ _DTYPES = {
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A local folder, or a hub id (`microsoft/Phi-3.5-vision-instruct`) already in the local HF cache."""
+    """A local folder, a hub id (`microsoft/Phi-3.5-vision-instruct`) already in the local HF cache, or
+    "pocket", the small model that ships with phi3v."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if str(name_or_path) == "pocket":
+        from phi3v import pocket
+
+        return pocket.folder()
     if path.exists():
         raise Phi3VError(f"{path} is a file; pass the checkpoint folder that holds config.json")
     name = str(name_or_path)
@@ -211,8 +216,12 @@ def load_model(
     result = model.load_state_dict(state, strict=False, assign=True)
     left = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in layers] + result.unexpected_keys
     assert not left, f"keys checked above did not load: {left}"
+    del state, layers  # packing below replaces tensors one by one: no second copy of the model may stay alive
     model = model.eval().requires_grad_(False)
-    return pack_for_cpu(model) if device.type == "cpu" else model
+    if device.type == "cpu":
+        pack_for_cpu(model.model.layers)
+        pack_for_cpu(model.lm_head)
+    return model
 
 
 def quant_plan(model: torch.nn.Module, quantize: str | None, quantize_vision: bool) -> dict[str, str]:

@@ -1,0 +1,223 @@
+"""Synthetic tasks for the pocket model, generated on the fly from a seed: no downloads (issue 6).
+
+Four families, the uses people put Phi-3-Vision to, shrunk to what a small model can learn in an hour:
+- ocr: 1-4 words or numbers in Pillow's built-in font -> the text, verbatim;
+- shapes: 1-5 coloured shapes -> how many, what colour is the X, describe;
+- chart: a bar chart with labelled bars -> which bar is tallest, what is the value of X;
+- change: two scenes that differ in one thing -> what changed (two images in one prompt).
+
+`sample(task, rng)` returns an `Example`; answers are canonical strings, so accuracy is exact match.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 336  # one crop; the image processor upsamples it to a 2x2 grid at num_crops=4
+TASKS = ("ocr", "shapes", "chart", "change")
+WORDS = (
+    "apple banana cat dog red blue green house river stone cloud light music paper water bread chair table "
+    "window garden summer winter silver golden bird fish tree road city train plane ship north south east "
+    "west hello world open close stop start learn read write small large happy quiet fast slow seven eleven "
+    "phone clock green orange tiger lion bear horse"
+).split()
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+           "purple": (140, 60, 180), "orange": (245, 130, 20), "black": (20, 20, 20)}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = ((255, 255, 255), (245, 240, 225), (225, 235, 245), (235, 235, 235), (250, 230, 230))
+NUMBER_WORDS = "zero one two three four five".split()
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question about one or more images, with its canonical answer."""
+
+    task: str
+    images: list[Image.Image]
+    question: str
+    answer: str
+    kind: str = ""  # the question type inside the task, for per-type accuracy
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+def sample(task: str, rng: random.Random) -> Example:
+    """One example of `task` (see TASKS) drawn from `rng`."""
+    return {"ocr": ocr, "shapes": shapes, "chart": chart, "change": change}[task](rng)
+
+
+def dataset(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[Example]:
+    """n examples cycling through `tasks`, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [sample(tasks[i % len(tasks)], rng) for i in range(n)]
+
+
+def _canvas(rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("RGB", (SIZE, SIZE), rng.choice(BACKGROUNDS))
+    return img, ImageDraw.Draw(img)
+
+
+# --- OCR -------------------------------------------------------------------------------------------------
+
+
+def ocr(rng: random.Random, n_words: int | None = None) -> Example:
+    n = n_words or rng.randint(1, 4)
+    words = [rng.choice(WORDS) if rng.random() < 0.75 else str(rng.randint(0, 999)) for _ in range(n)]
+    text = " ".join(words)
+    img, draw = _canvas(rng)
+    colour = rng.choice([c for name, c in COLOURS.items() if name != "yellow"])
+    # A random size, shrunk until the wrapped lines fit: small text must be read too.
+    size = rng.randint(22, 56)
+    font = ImageFont.load_default(size=size)
+    lines = _wrap(words, font, SIZE - 24)
+    while len(lines) * size * 1.3 > SIZE - 24:
+        size -= 4
+        font = ImageFont.load_default(size=size)
+        lines = _wrap(words, font, SIZE - 24)
+    height = int(len(lines) * size * 1.3)
+    y = rng.randint(12, max(12, SIZE - 12 - height))
+    for line in lines:
+        w = draw.textlength(line, font=font)
+        x = rng.randint(12, max(12, int(SIZE - 12 - w)))
+        draw.text((x, y), line, fill=colour, font=font)
+        y += int(size * 1.3)
+    return Example("ocr", [img], "What text is written in the image?", text, f"{n}w")
+
+
+def _wrap(words: list[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    lines: list[str] = []
+    for w in words:
+        if lines and font.getlength(lines[-1] + " " + w) <= width:
+            lines[-1] += " " + w
+        else:
+            lines.append(w)
+    return lines
+
+
+# --- shapes ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    x: int  # centre
+    y: int
+    r: int  # half-size
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+def random_scene(rng: random.Random, n: int | None = None) -> list[Shape]:
+    """1-5 non-overlapping shapes, each (kind, colour) pair at most once, sorted left to right."""
+    n = n or rng.randint(1, 5)
+    pairs = rng.sample([(k, c) for k in SHAPES for c in COLOURS], n)
+    placed: list[Shape] = []
+    for kind, colour in pairs:
+        for _ in range(200):
+            r = rng.randint(22, 40)
+            x, y = rng.randint(r + 6, SIZE - r - 6), rng.randint(r + 6, SIZE - r - 6)
+            if all(abs(x - s.x) > r + s.r + 8 or abs(y - s.y) > r + s.r + 8 for s in placed):
+                placed.append(Shape(kind, colour, x, y, r))
+                break
+    return sorted(placed, key=lambda s: (s.x, s.y))
+
+
+def draw_scene(scene: list[Shape], background: tuple[int, int, int]) -> Image.Image:
+    img = Image.new("RGB", (SIZE, SIZE), background)
+    draw = ImageDraw.Draw(img)
+    for s in scene:
+        fill = COLOURS[s.colour]
+        box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
+        if s.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
+    return img
+
+
+def describe(scene: list[Shape]) -> str:
+    """'a red circle, a blue square and a green triangle' (left to right)."""
+    names = [f"a {s.name}" for s in scene]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def shapes(rng: random.Random) -> Example:
+    scene = random_scene(rng)
+    img = draw_scene(scene, rng.choice(BACKGROUNDS))
+    kinds = [s.kind for s in scene]
+    unique = [k for k in SHAPES if kinds.count(k) == 1]
+    q = rng.random()
+    if q < 0.4:
+        return Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count")
+    if q < 0.8 and unique:
+        kind = rng.choice(unique)
+        colour = next(s.colour for s in scene if s.kind == kind)
+        return Example("shapes", [img], f"What colour is the {kind}?", colour, "colour")
+    return Example("shapes", [img], "Describe the image.", describe(scene), "describe")
+
+
+# --- bar chart -------------------------------------------------------------------------------------------
+
+
+def chart(rng: random.Random, kind: str | None = None) -> Example:
+    n = rng.randint(3, 5)
+    labels = "ABCDE"[:n]
+    values = rng.sample(range(1, 10), n)  # distinct, so "tallest" has one answer
+    img, draw = _canvas(rng)
+    font = ImageFont.load_default(size=22)
+    base, top, left = SIZE - 40, 40, 30
+    slot = (SIZE - 2 * left) // n
+    colour = COLOURS[rng.choice(["blue", "green", "red", "purple", "orange"])]
+    draw.line((left - 6, base, SIZE - left + 6, base), fill=(0, 0, 0), width=2)
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        x0 = left + i * slot + slot // 5
+        x1 = left + (i + 1) * slot - slot // 5
+        y = base - (base - top) * v // 9
+        draw.rectangle((x0, y, x1, base), fill=colour)
+        cx = (x0 + x1) // 2
+        draw.text((cx, base + 4), lab, fill=(0, 0, 0), font=font, anchor="mt")
+        draw.text((cx, y - 4), str(v), fill=(0, 0, 0), font=font, anchor="mb")
+    if (kind or ("tallest" if rng.random() < 0.5 else "value")) == "tallest":
+        return Example("chart", [img], "Which bar is the tallest?", labels[values.index(max(values))], "tallest")
+    i = rng.randrange(n)
+    return Example("chart", [img], f"What is the value of bar {labels[i]}?", str(values[i]), "value")
+
+
+# --- what changed ----------------------------------------------------------------------------------------
+
+
+def change(rng: random.Random) -> Example:
+    """Two scenes; the second recolours, adds or removes one shape."""
+    scene = random_scene(rng, rng.randint(2, 4))
+    background = rng.choice(BACKGROUNDS)
+    how = rng.choice(["colour", "added", "removed"])
+    after = list(scene)
+    if how == "colour":
+        i = rng.randrange(len(scene))
+        s = scene[i]
+        taken = {t.colour for t in scene if t.kind == s.kind}
+        new = rng.choice([c for c in COLOURS if c not in taken])
+        after[i] = Shape(s.kind, new, s.x, s.y, s.r)
+        answer = f"the {s.kind} changed from {s.colour} to {new}"
+    elif how == "added":
+        extra = random_scene(rng, 5)
+        fresh = [t for t in extra if (t.kind, t.colour) not in {(u.kind, u.colour) for u in scene}
+                 and all(abs(t.x - u.x) > t.r + u.r + 8 or abs(t.y - u.y) > t.r + u.r + 8 for u in scene)]  # fmt: skip
+        if not fresh:  # rare: no room; fall back to a removal
+            return change(rng)
+        t = fresh[0]
+        after = sorted(scene + [t], key=lambda s: (s.x, s.y))
+        answer = f"a {t.name} was added"
+    else:
+        t = scene[rng.randrange(len(scene))]
+        after = [s for s in scene if s is not t]
+        answer = f"the {t.name} was removed"
+    images = [draw_scene(scene, background), draw_scene(after, background)]
+    return Example("change", images, "What changed between the two images?", answer, how)
