@@ -1,6 +1,6 @@
 """Aggregate decode throughput of `phi3v serve` at 1, 4 and 16 concurrent streaming clients.
 
-    python bench/serve_throughput.py --checkpoint /tmp/phi3v-full [--dtype float32] [--tokens 24]
+    python bench/serve_throughput.py --checkpoint /tmp/phi3v-full [--dtype float32] [--quantize int8] [--tokens 24]
 
 Starts the server on 127.0.0.1, then for each concurrency level runs that many clients at once, each
 streaming one text request of `--tokens` new tokens (end tokens ignored, so every client decodes the
@@ -63,19 +63,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--levels", default="1,4,16")
     args = ap.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "phi3v", "serve", "--model", args.checkpoint, "--port", str(port),
-                               "--dtype", args.dtype, "--max-batch", "16"])  # fmt: skip
+                               "--dtype", args.dtype, "--quantize", args.quantize, "--max-batch", "16"])  # fmt: skip
     try:
         wait_ready(url)
         import torch
 
         print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-              f"checkpoint {args.checkpoint}; dtype {args.dtype}; {args.tokens} new tokens per client")  # fmt: skip
+              f"checkpoint {args.checkpoint}; dtype {args.dtype}; quantize {args.quantize}; "
+              f"{args.tokens} new tokens per client")  # fmt: skip
         rows = []
         for level in map(int, args.levels.split(",")):
             out: list = [None] * level

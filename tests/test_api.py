@@ -119,8 +119,10 @@ def test_auto_dtype(monkeypatch):
     monkeypatch.setattr(api, "available_memory", lambda: 64 << 30)
     assert api.pick_dtype("auto", cpu, 8 << 30) == torch.float32
     assert api.pick_dtype(None, cuda, 8 << 30) == torch.bfloat16
-    monkeypatch.setattr(api, "available_memory", lambda: 16 << 30)
-    assert api.pick_dtype("auto", cpu, 8 << 30) == torch.bfloat16  # float32 would not fit
+    monkeypatch.setattr(api, "available_memory", lambda: 24 << 30)  # this machine class, idle
+    assert api.pick_dtype("auto", cpu, int(8.3e9)) == torch.float32  # 15.5 GiB of float32 + 2 GiB fits
+    monkeypatch.setattr(api, "available_memory", lambda: 17 << 30)
+    assert api.pick_dtype("auto", cpu, int(8.3e9)) == torch.bfloat16  # float32 would not fit
     assert api.pick_dtype("fp16", cpu) == torch.float16
 
 

@@ -197,22 +197,25 @@ def test_batch_resume_after_interrupt(tiny_checkpoint, tmp_path):
     folder.mkdir()
     for i in range(40):  # enough work that the interrupt lands mid-run
         Image.new("RGB", (100 + 10 * i, 80), (6 * i, 100, 200)).save(folder / f"{i:02d}.png")
-    args = ["batch", str(folder), "-p", "Describe.", "--batch-size", "3", "--max-new-tokens", "48", "--ignore-eos"]
+    args = ["batch", str(folder), "-p", "Describe.", "--batch-size", "3", "--max-new-tokens", "160", "--ignore-eos"]
     full = tmp_path / "full.jsonl"
     assert phi3v(*args, "-o", full, "-q", model=tiny_checkpoint).returncode == 0
 
     out = tmp_path / "cut.jsonl"
     env = dict(os.environ, PHI3V_MODEL=str(tiny_checkpoint))
+    # Ctrl-C must reach the child even if something in this test process set SIGINT to "ignore"
+    # (an ignored SIGINT is inherited, and Python then installs no KeyboardInterrupt handler).
     p = subprocess.Popen([sys.executable, "-m", "phi3v", *args, "-o", str(out), "-q"], env=env,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     first = read_jsonl(out)
     assert p.returncode == 130 and "--resume" in err
-    assert 3 <= len(first) < 40, "interrupt came too late to test resuming"
+    assert 1 <= len(first) < 40, "interrupt came too late to test resuming"
 
     r = phi3v(*args, "-o", out, "--resume", model=tiny_checkpoint)
     assert r.returncode == 0, r.stderr
@@ -242,6 +245,15 @@ def test_quantize_flag(tiny_checkpoint, tmp_path):
     assert json.loads(r.stdout)["completion_tokens"] >= 1
     r = phi3v("ask", img, "-p", "Colour?", "--quantize", "int3", model=tiny_checkpoint)
     assert r.returncode == 2 and "'int3' is not one of" in r.stderr
+
+
+def test_demo_runs_the_three_tasks(tmp_path):
+    r = phi3v("demo", "--dir", tmp_path, "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM weights" in r.stdout
+    assert r.stdout.count("answer:") == 3 and r.stdout.count("question:") == 3
+    for name in ("chart.png", "cover.png", "scene_a.png", "scene_b.png"):
+        assert (tmp_path / name).exists() and name in r.stdout
 
 
 def test_make_checkpoint_then_load(tmp_path):

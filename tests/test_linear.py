@@ -28,7 +28,7 @@ def test_packed_float32_matches_plain_and_stays_a_plain_module():
     want = F.linear(x, w, b)
     layer.pack()
     assert layer.weight.is_mkldnn
-    for rows in (x[:1, :1], x):  # decode-sized and prefill-sized
+    for rows in (x[:1, :1], x, torch.randn(600, 128)):  # decode, short and long prompts
         assert (layer(rows) - F.linear(rows, w, b)).abs().max() < 1e-5
     assert torch.equal(layer.state_dict()["weight"], w)  # state_dict() is plain tensors
     layer.to(torch.float32)  # any .to() restores the plain layout
@@ -91,3 +91,10 @@ def test_pack_for_cpu_only_touches_float32_linears():
     model = torch.nn.Sequential(Linear(8, 8), Linear(8, 8).to(torch.bfloat16), torch.nn.Linear(8, 8))
     pack_for_cpu(model)
     assert [m.weight.is_mkldnn for m in model] == [True, False, False]
+
+
+def test_int4_refuses_to_run_off_the_device_it_was_packed_for():
+    layer = quantize_layer(weights()[0], None, "int4", CPU, group_size=32)
+    layer.packed_for = "cuda"  # as if packed on a GPU and then moved to the CPU
+    with pytest.raises(Phi3VError, match="int4 weights packed for cuda cannot run on cpu"):
+        layer(torch.randn(1, 128))

@@ -57,11 +57,11 @@ def available_memory() -> int | None:
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None, bf16_bytes: int = 0) -> torch.dtype:
     """The requested dtype, or for "auto"/None: bfloat16 (the weights' own dtype) on GPUs and on CPUs with
     bfloat16 instructions; float32 on other CPUs (prefill runs ~6x faster there) when twice the bf16
-    weights fit comfortably in free memory."""
+    weights plus 2 GiB fit in free memory."""
     if dtype is None or dtype == "auto":
         if device is not None and device.type == "cpu" and not cpu_has_fast_bf16():
             free = available_memory()
-            if free is None or 2 * bf16_bytes < 0.7 * free:
+            if free is None or 2 * bf16_bytes + (2 << 30) < free:  # float32 weights plus room to run
                 return torch.float32
         return torch.bfloat16
     if isinstance(dtype, torch.dtype):

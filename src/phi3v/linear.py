@@ -2,7 +2,9 @@
 
 Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CPU:
 - float32, few rows (decoding): oneDNN with its own weight layout reads the weights 1.8x faster than
-  MKL's GEMV; `pack()` converts a decoder layer once after loading (many rows unpack it on the fly).
+  MKL's GEMV; `pack()` converts a decoder layer once after loading. Prompts run on the packed weights
+  too: unpacking them per call for MKL's GEMM measured 20% slower end to end. The vision tower, which
+  only ever sees many rows, stays in MKL's plain layout.
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
 - int8 / int4: PyTorch's weight-only kernels for few rows, fed bfloat16 activations (float32 ones run
@@ -63,8 +65,6 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if w.is_mkldnn:
-            if _rows(x) > FEW_ROWS:  # MKL's GEMM is ~10% faster there, even counting the unpacking copy
-                return F.linear(x, w.to_dense(), self.bias)
             y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).float().to_mkldnn(), w).to_dense()
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
@@ -96,7 +96,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)  # float32
         self.register_buffer("bias", bias)
-        self._kernel_scales: dict[torch.dtype, Tensor] = {}
+        self._kernel_scales: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device) -> Int8Linear:
@@ -117,9 +117,10 @@ class Int8Linear(nn.Module):
         if _rows(x) > FEW_ROWS:
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         kd = _kernel_dtype(x)
-        if kd not in self._kernel_scales:
-            self._kernel_scales[kd] = self.scales.to(kd)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(kd), self.qweight, self._kernel_scales[kd])
+        key = (kd, self.scales.device)
+        if key not in self._kernel_scales:
+            self._kernel_scales[key] = self.scales.to(kd)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(kd), self.qweight, self._kernel_scales[key])
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -136,6 +137,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = shape
         self.group_size = group_size
+        self.packed_for = qweight.device.type  # the kernel layout differs between CPU and CUDA
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
@@ -165,6 +167,9 @@ class Int4Linear(nn.Module):
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.qweight.device.type != self.packed_for:
+            raise Phi3VError(f"int4 weights packed for {self.packed_for} cannot run on {self.qweight.device.type}; "
+                             "load the model with that device instead of moving it")  # fmt: skip
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] > FEW_ROWS and x.device.type == "cpu" and _cpu_int4_block() is not None:
             y = F.linear(x2, self.dequantize(x.dtype))
