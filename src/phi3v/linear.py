@@ -1,8 +1,8 @@
 """Linear layers and the matmul kernel each one uses: dense, int8 and int4 weight-only (issue 5).
 
 Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CPU:
-- float32, few rows (decoding): oneDNN with its own weight layout reads the weights 1.8x faster than
-  MKL's GEMV; `pack()` converts a decoder layer once after loading. Prompts run on the packed weights
+- float32, few rows (decoding): oneDNN with its own weight layout runs 1.2-1.8x faster than MKL's
+  GEMV (decode end to end: 1.33x); `pack()` converts a decoder layer once after loading. Prompts run on the packed weights
   too: unpacking them per call for MKL's GEMM measured 20% slower end to end. The vision tower, which
   only ever sees many rows, stays in MKL's plain layout.
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
