@@ -2,9 +2,9 @@
 
 Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CPU:
 - float32, few rows (decoding): oneDNN with its own weight layout runs 1.2-1.8x faster than MKL's
-  GEMV (decode end to end: 1.33x); `pack()` converts a decoder layer once after loading. Prompts run on the packed weights
-  too: unpacking them per call for MKL's GEMM measured 20% slower end to end. The vision tower, which
-  only ever sees many rows, stays in MKL's plain layout.
+  GEMV (decode end to end: 1.33x); `pack()` converts a decoder layer once after loading. Prompts run
+  on the packed weights too: unpacking them per call for MKL's GEMM measured 20% slower end to end.
+  The vision tower, which only ever sees many rows, stays in MKL's plain layout.
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
 - int8 / int4: PyTorch's weight-only kernels for few rows, fed bfloat16 activations (float32 ones run
