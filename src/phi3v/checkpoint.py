@@ -127,13 +127,7 @@ def write_checkpoint(
         weight_map.update(dict.fromkeys(names, shard))
         del tensors
     _dump(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    _dump(folder / "config.json", cfg.to_dict())
-    _dump(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True})
-    _dump(folder / "preprocessor_config.json", {
-        "image_processor_type": "Phi3VImageProcessor", "processor_class": "Phi3VProcessor",
-        "num_crops": num_crops or 16, "num_img_tokens": cfg.num_img_tokens,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    })  # fmt: skip
+    write_configs(folder, cfg, num_crops or 16)
     if tokenizer_dir is not None:
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).exists():
@@ -141,6 +135,17 @@ def write_checkpoint(
     else:
         write_byte_tokenizer(folder)
     return folder
+
+
+def write_configs(folder: Path, cfg: Phi3VConfig, num_crops: int) -> None:
+    """config.json, generation_config.json and preprocessor_config.json of a phi3v-made checkpoint."""
+    _dump(folder / "config.json", cfg.to_dict())
+    _dump(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "_from_model_config": True})
+    _dump(folder / "preprocessor_config.json", {
+        "image_processor_type": "Phi3VImageProcessor", "processor_class": "Phi3VProcessor",
+        "num_crops": num_crops, "num_img_tokens": cfg.num_img_tokens,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    })  # fmt: skip
 
 
 def write_byte_tokenizer(folder: Path, corpus: Iterable[str] = (), vocab_size: int = 0) -> None:

@@ -21,6 +21,8 @@ import click
 from phi3v.errors import Phi3VError
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
+QUANTIZE = click.Choice(["none", "int8", "int4"])  # phi3v.linear.QUANT_MODES, importable without torch
+QUANTIZE_HELP = "Weight-only quantization while loading: less memory, faster decoding."
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
                      show_default=True, help="auto: bfloat16 on GPUs and bf16-capable CPUs, else float32."),
-        click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-                     help="Weight-only quantization while loading: less memory, faster decoding."),
+        click.option("--quantize", type=QUANTIZE, default="none", show_default=True, help=QUANTIZE_HELP),
         click.option("--num-crops", type=click.IntRange(1, 64),
                      help="Image tiles (16: one detailed image, 4: several); default from the checkpoint."),
         click.option("--max-new-tokens", type=click.IntRange(1, 131072), default=512, show_default=True),
@@ -310,8 +311,7 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
 @click.option("--api-key", envvar="PHI3V_API_KEY", help="Require 'Authorization: Bearer KEY' (env PHI3V_API_KEY).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Weight-only quantization while loading: less memory, faster decoding.")
+@click.option("--quantize", type=QUANTIZE, default="none", show_default=True, help=QUANTIZE_HELP)
 @click.option("--num-crops", type=click.IntRange(1, 64), help="Default image tiles (requests may set num_crops).")
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (off by default).")
 @click.option("--allowed-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -204,18 +204,24 @@ def _cpu_int4_block() -> int | None:
     a probe; None when no candidate reproduces it, and dequantizing is then not offered."""
     probe = torch.randint(0, 16, (256, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    if packed.numel() * 2 != probe.numel():
+        return None
     for b in (16, 32, 64, 128, 256):
-        if packed.numel() * 2 == probe.numel():
-            p = packed.reshape(256 // b, 64, b // 2)
-            if torch.equal(torch.cat([p & 15, p >> 4], dim=-1).transpose(1, 2).reshape(256, 64).int(), probe):
-                return b
+        p = packed.reshape(256 // b, 64, b // 2)
+        if torch.equal(torch.cat([p & 15, p >> 4], dim=-1).transpose(1, 2).reshape(256, 64).int(), probe):
+            return b
     return None
 
 
+def check_quant_mode(mode: str | None) -> None:
+    """A one-line error for anything but None or one of QUANT_MODES."""
+    if mode is not None and mode not in QUANT_MODES:
+        raise Phi3VError(f"unknown quantization {mode!r}; use one of {', '.join(QUANT_MODES)} or none")
+
+
 def quantize_layer(weight: Tensor, bias: Tensor | None, mode: str, device: torch.device, group_size: int) -> nn.Module:
-    """A quantized replacement for `layer` built from the stored `weight` (and `bias`)."""
+    """A quantized linear layer built from a stored `weight` (and `bias`)."""
+    check_quant_mode(mode)
     if mode == "int8":
         return Int8Linear.quantize(weight, bias, device)
-    if mode == "int4":
-        return Int4Linear.quantize(weight, bias, device, group_size)
-    raise Phi3VError(f"unknown quantization {mode!r}; use one of {', '.join(QUANT_MODES)} or none")
+    return Int4Linear.quantize(weight, bias, device, group_size)

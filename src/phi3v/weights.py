@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from phi3v.config import Phi3VConfig
+from phi3v import pocket
 from phi3v.errors import Phi3VError
-from phi3v.linear import QUANT_MODES, pack_for_cpu, quantize_layer
+from phi3v.linear import check_quant_mode, pack_for_cpu, quantize_layer
 from phi3v.model import Phi3VForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,9 +47,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if str(name_or_path) == "pocket":
-        from phi3v import pocket
-
+    if str(name_or_path) == pocket.NAME:
         return pocket.folder()
     if path.exists():
         raise Phi3VError(f"{path} is a file; pass the checkpoint folder that holds config.json")
@@ -159,8 +158,7 @@ def load_model(
     layer is quantized as it is read, so no full-precision copy of the model is ever in memory.
     `progress(done, total)` is called after each tensor, for a progress bar.
     """
-    if quantize is not None and quantize not in QUANT_MODES:
-        raise Phi3VError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANT_MODES)} or none")
+    check_quant_mode(quantize)  # before any reading
     folder = resolve_checkpoint(folder)
     cfg = Phi3VConfig.from_file(folder / "config.json") if (folder / "config.json").exists() else None
     if cfg is None:

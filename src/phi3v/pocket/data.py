@@ -22,13 +22,12 @@ WORDS = (
     "apple banana cat dog red blue green house river stone cloud light music paper water bread chair table "
     "window garden summer winter silver golden bird fish tree road city train plane ship north south east "
     "west hello world open close stop start learn read write small large happy quiet fast slow seven eleven "
-    "phone clock green orange tiger lion bear horse"
+    "phone clock orange tiger lion bear horse"
 ).split()
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
            "purple": (140, 60, 180), "orange": (245, 130, 20), "black": (20, 20, 20)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ((255, 255, 255), (245, 240, 225), (225, 235, 245), (235, 235, 235), (250, 230, 230))
-NUMBER_WORDS = "zero one two three four five".split()
 
 
 @dataclass(frozen=True)

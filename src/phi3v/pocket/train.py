@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from phi3v.checkpoint import write_byte_tokenizer
+from phi3v.checkpoint import write_byte_tokenizer, write_configs
 from phi3v.config import Phi3VConfig, TextConfig, VisionConfig
 from phi3v.image_processor import preprocess
 from phi3v.language import AttentionInputs
@@ -121,14 +121,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
 
 def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
     """config.json, generation/preprocessor configs, bf16 model.safetensors and pocket.json (with its sha256)."""
-    cfg = model.config
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Phi3VImageProcessor", "processor_class": "Phi3VProcessor", "num_crops": NUM_CROPS,
-        "num_img_tokens": cfg.num_img_tokens,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }, indent=2) + "\n")  # fmt: skip
+    write_configs(folder, model.config, NUM_CROPS)
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     info["sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
