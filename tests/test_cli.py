@@ -247,15 +247,6 @@ def test_quantize_flag(tiny_checkpoint, tmp_path):
     assert r.returncode == 2 and "'int3' is not one of" in r.stderr
 
 
-def test_demo_runs_the_three_tasks(tmp_path):
-    r = phi3v("demo", "--dir", tmp_path, "--max-new-tokens", "4")
-    assert r.returncode == 0, r.stderr
-    assert "RANDOM weights" in r.stdout
-    assert r.stdout.count("answer:") == 3 and r.stdout.count("question:") == 3
-    for name in ("chart.png", "cover.png", "scene_a.png", "scene_b.png"):
-        assert (tmp_path / name).exists() and name in r.stdout
-
-
 def test_make_checkpoint_then_load(tmp_path):
     r = phi3v("make-checkpoint", tmp_path / "ck", "--seed", "3")
     assert r.returncode == 0, r.stderr

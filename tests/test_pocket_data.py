@@ -4,7 +4,9 @@ import random
 
 import pytest
 
-from phi3v.pocket.data import COLOURS, SHAPES, TASKS, change, chart, dataset, describe, ocr, random_scene, shapes
+from phi3v.pocket.data import (
+    COLOURS, FACTS, SHAPES, TASKS, change, chart, dataset, describe, ocr, questions, random_scene, shapes,
+)  # fmt: skip
 
 
 def test_same_seed_same_data_and_answers_are_canonical():
@@ -17,7 +19,7 @@ def test_same_seed_same_data_and_answers_are_canonical():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_ocr_text_is_drawn_and_fits(seed):
-    ex = ocr(random.Random(seed))
+    [ex] = ocr(random.Random(seed))
     img = ex.images[0]
     assert 1 <= len(ex.answer.split()) <= 4 and img.size == (336, 336)
     bg = img.getpixel((0, 0))
@@ -40,14 +42,17 @@ def test_scenes_have_unique_non_overlapping_shapes():
 def test_shape_answers_match_the_scene():
     rng = random.Random(1)
     for _ in range(60):
-        ex = shapes(rng)
-        if ex.kind == "count":
-            assert ex.answer in {"1", "2", "3", "4", "5"}
-        elif ex.kind == "colour":
-            kind = ex.question.removeprefix("What colour is the ").removesuffix("?")
-            assert kind in SHAPES and ex.answer in COLOURS
-        else:
-            assert ex.answer.startswith("a ")
+        qs = shapes(rng)
+        [facts] = qs[0].facts
+        assert all(q.images[0] is qs[0].images[0] for q in qs)  # one scene, several questions
+        for ex in qs:
+            if ex.kind == "count":
+                assert f"{ex.answer} shapes" in facts
+            elif ex.kind == "colour":
+                kind = ex.question.removeprefix("What colour is the ").removesuffix("?")
+                assert kind in SHAPES and ex.answer in COLOURS and f"{ex.answer} {kind}" in facts
+            else:
+                assert ex.answer.startswith("a ") and ex.answer.count(" a ") + 1 == len(facts) - 1
 
 
 def test_describe_wording():
@@ -61,19 +66,32 @@ def test_describe_wording():
 def test_chart_tallest_is_the_largest_value():
     rng = random.Random(2)
     for _ in range(40):
-        ex = chart(rng)
-        assert ex.answer in "ABCDE" if ex.kind == "tallest" else ex.answer.isdigit()
+        tallest, *values = chart(rng)
+        assert tallest.kind == "tallest" and {v.kind for v in values} == {"value"} and 3 <= len(values) <= 5
+        best = max(values, key=lambda v: int(v.answer))
+        assert tallest.answer == best.question.removeprefix("What is the value of bar ").removesuffix("?")
+        assert f"tallest {tallest.answer}" in tallest.facts[0]
 
 
 def test_change_makes_two_different_images():
     rng = random.Random(3)
     kinds = set()
     for _ in range(30):
-        ex = change(rng)
+        [ex] = change(rng)
         kinds.add(ex.kind)
         assert len(ex.images) == 2 and ex.images[0].tobytes() != ex.images[1].tobytes()
         assert any(w in ex.answer for w in ("changed from", "was added", "was removed"))
     assert kinds == {"colour", "added", "removed"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_facts_name_what_each_image_shows(task):
+    rng = random.Random(4)
+    for _ in range(20):
+        qs = questions(task, rng)
+        assert len(qs[0].facts) == len(qs[0].images) and all(f <= set(FACTS) and f for f in qs[0].facts)
+    [ex] = ocr(random.Random(5), n_words=2)
+    assert "2 words" in ex.facts[0] and all(f"word {w}" in ex.facts[0] for w in ex.answer.split() if not w.isdigit())
 
 
 def test_trained_tokenizer_keeps_words_whole_and_digits_apart(tmp_path):
@@ -91,25 +109,37 @@ def test_trained_tokenizer_keeps_words_whole_and_digits_apart(tmp_path):
 
 
 def test_training_step_learns_a_fixed_batch(tmp_path):
-    """The training path (collate + loss through the inference model's own forward code) can fit a batch."""
+    """The training path (multi-turn conversations, per-task micro-batches, answer and fact losses through
+    the inference model's own forward code) can fit a batch."""
     import torch
 
     from phi3v.model import Phi3VForCausalLM
-    from phi3v.pocket.train import build_tokenizer, collate, init_weights, loss_fn, pocket_config
+    from phi3v.pocket.train import (
+        IGNORE, build_tokenizer, collate, conversation, init_weights, param_groups, pocket_config, train_step,
+    )  # fmt: skip
 
     torch.manual_seed(0)
     tok = build_tokenizer(tmp_path, seed=0)
     cfg = pocket_config(-(-tok.vocab_size // 64) * 64, tok.pad_token_id)
     model = Phi3VForCausalLM(cfg)
     init_weights(model, seed=0)
-    batch = collate(tok, dataset(4, seed=5), cfg.vision.tokens_per_side)
-    assert batch["pixel_values"].shape[1:] == (5, 3, 336, 336)  # a 2x2 grid plus the global view
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
+    rng = random.Random(5)
+    convs = [conversation(task, rng) for task in ("shapes", "chart", "ocr", "change")]
+    side = cfg.vision.tokens_per_side
+    b = collate(tok, convs[:1], side)
+    assert b["pixel_values"].shape[1:] == (5, 3, 336, 336)  # a 2x2 grid plus the global view
+    learned = tok.decode([int(t) for t in b["labels"][0] if t not in (IGNORE, tok.end_token_id)])
+    assert learned.replace(" ", "") == "".join(ex.answer for ex in convs[0]).replace(" ", "")
+    assert int((b["labels"][0] == tok.end_token_id).sum()) == len(convs[0]) > 1  # every turn is learned
+    probe = torch.nn.Linear(cfg.text.hidden_size, len(FACTS))
+    opt = torch.optim.AdamW(param_groups(model, 3e-3) + [{"params": list(probe.parameters()), "lr": 3e-3}])
+    weight = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight
+    patch = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
+    assert patch["lr"] < 3e-3 / 10  # the 5292-input patch embedding learns at a scaled-down rate
+    history = []
     for _ in range(15):
-        loss = loss_fn(model, batch)
         opt.zero_grad()
-        loss.backward()
+        history.append(train_step(model, probe, tok, convs, side))
         opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    (lm0, aux0), (lm, aux) = history[0], history[-1]
+    assert lm < 0.5 * lm0 and aux < 0.5 * aux0, history

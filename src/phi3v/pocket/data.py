@@ -6,7 +6,9 @@ Four families, the uses people put Phi-3-Vision to, shrunk to what a small model
 - chart: a bar chart with labelled bars -> which bar is tallest, what is the value of X;
 - change: two scenes that differ in one thing -> what changed (two images in one prompt).
 
-`sample(task, rng)` returns an `Example`; answers are canonical strings, so accuracy is exact match.
+`questions(task, rng)` draws one scene and returns every question it answers (training asks several in
+one conversation: many answers per image encoded); `sample(task, rng)` picks one of them. Answers are
+canonical strings, so accuracy is exact match.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ WORDS = (
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
            "purple": (140, 60, 180), "orange": (245, 130, 20), "black": (20, 20, 20)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
+# What each image shows, as named facts: the training script's auxiliary target for the vision tower.
+FACTS = (
+    *(f"{c} {k}" for c in COLOURS for k in SHAPES), *(f"{n} shapes" for n in range(1, 6)),
+    *(f"bar {b} {v}" for b in "ABCDE" for v in range(1, 10)), *(f"tallest {b}" for b in "ABCDE"),
+    *(f"{n} bars" for n in range(3, 6)), *(f"word {w}" for w in WORDS), *(f"char {c}" for c in "0123456789"),
+    *(f"{n} words" for n in range(1, 5)),
+)  # fmt: skip
 BACKGROUNDS = ((255, 255, 255), (245, 240, 225), (225, 235, 245), (235, 235, 235), (250, 230, 230))
 
 
@@ -39,12 +48,19 @@ class Example:
     question: str
     answer: str
     kind: str = ""  # the question type inside the task, for per-type accuracy
-    meta: dict = field(default_factory=dict, compare=False)
+    facts: tuple[frozenset[str], ...] = field(default=(), compare=False)  # per image, names from FACTS
+
+
+def questions(task: str, rng: random.Random) -> list[Example]:
+    """Every question about one freshly drawn scene of `task` (see TASKS); they share the images."""
+    return {"ocr": ocr, "shapes": shapes, "chart": chart, "change": change}[task](rng)
 
 
 def sample(task: str, rng: random.Random) -> Example:
-    """One example of `task` (see TASKS) drawn from `rng`."""
-    return {"ocr": ocr, "shapes": shapes, "chart": chart, "change": change}[task](rng)
+    """One question about one scene of `task`: a question kind uniformly, then one question of that kind."""
+    qs = questions(task, rng)
+    kind = rng.choice(sorted({q.kind for q in qs}))
+    return rng.choice([q for q in qs if q.kind == kind])
 
 
 def dataset(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[Example]:
@@ -61,7 +77,7 @@ def _canvas(rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw]:
 # --- OCR -------------------------------------------------------------------------------------------------
 
 
-def ocr(rng: random.Random, n_words: int | None = None) -> Example:
+def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
     n = n_words or rng.randint(1, 4)
     words = [rng.choice(WORDS) if rng.random() < 0.75 else str(rng.randint(0, 999)) for _ in range(n)]
     text = " ".join(words)
@@ -82,7 +98,8 @@ def ocr(rng: random.Random, n_words: int | None = None) -> Example:
         x = rng.randint(12, max(12, int(SIZE - 12 - w)))
         draw.text((x, y), line, fill=colour, font=font)
         y += int(size * 1.3)
-    return Example("ocr", [img], "What text is written in the image?", text, f"{n}w")
+    facts = {f"{n} words"} | {f"word {w}" for w in words if not w.isdigit()} | {f"char {c}" for c in text if c.isdigit()}
+    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", (frozenset(facts),))]
 
 
 def _wrap(words: list[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
@@ -147,25 +164,28 @@ def describe(scene: list[Shape]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def shapes(rng: random.Random) -> Example:
+def shapes(rng: random.Random) -> list[Example]:
+    """How many, the colour of each kind of shape that occurs once, and a description."""
     scene = random_scene(rng)
     img = draw_scene(scene, rng.choice(BACKGROUNDS))
     kinds = [s.kind for s in scene]
-    unique = [k for k in SHAPES if kinds.count(k) == 1]
-    q = rng.random()
-    if q < 0.4:
-        return Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count")
-    if q < 0.8 and unique:
-        kind = rng.choice(unique)
+    f = (scene_facts(scene),)
+    qs = [Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count", f)]
+    for kind in (k for k in SHAPES if kinds.count(k) == 1):
         colour = next(s.colour for s in scene if s.kind == kind)
-        return Example("shapes", [img], f"What colour is the {kind}?", colour, "colour")
-    return Example("shapes", [img], "Describe the image.", describe(scene), "describe")
+        qs.append(Example("shapes", [img], f"What colour is the {kind}?", colour, "colour", f))
+    return qs + [Example("shapes", [img], "Describe the image.", describe(scene), "describe", f)]
+
+
+def scene_facts(scene: list[Shape]) -> frozenset[str]:
+    return frozenset({s.name for s in scene} | {f"{len(scene)} shapes"})
 
 
 # --- bar chart -------------------------------------------------------------------------------------------
 
 
-def chart(rng: random.Random, kind: str | None = None) -> Example:
+def chart(rng: random.Random) -> list[Example]:
+    """Which bar is the tallest, and the value of each bar."""
     n = rng.randint(3, 5)
     labels = "ABCDE"[:n]
     values = rng.sample(range(1, 10), n)  # distinct, so "tallest" has one answer
@@ -183,16 +203,17 @@ def chart(rng: random.Random, kind: str | None = None) -> Example:
         cx = (x0 + x1) // 2
         draw.text((cx, base + 4), lab, fill=(0, 0, 0), font=font, anchor="mt")
         draw.text((cx, y - 4), str(v), fill=(0, 0, 0), font=font, anchor="mb")
-    if (kind or ("tallest" if rng.random() < 0.5 else "value")) == "tallest":
-        return Example("chart", [img], "Which bar is the tallest?", labels[values.index(max(values))], "tallest")
-    i = rng.randrange(n)
-    return Example("chart", [img], f"What is the value of bar {labels[i]}?", str(values[i]), "value")
+    top = labels[values.index(max(values))]
+    f = (frozenset({f"bar {lab} {v}" for lab, v in zip(labels, values)} | {f"tallest {top}", f"{n} bars"}),)
+    tallest = Example("chart", [img], "Which bar is the tallest?", top, "tallest", f)
+    return [tallest] + [Example("chart", [img], f"What is the value of bar {lab}?", str(v), "value", f)
+                        for lab, v in zip(labels, values)]  # fmt: skip
 
 
 # --- what changed ----------------------------------------------------------------------------------------
 
 
-def change(rng: random.Random) -> Example:
+def change(rng: random.Random) -> list[Example]:
     """Two scenes; the second recolours, adds or removes one shape."""
     scene = random_scene(rng, rng.randint(2, 4))
     background = rng.choice(BACKGROUNDS)
@@ -219,4 +240,5 @@ def change(rng: random.Random) -> Example:
         after = [s for s in scene if s is not t]
         answer = f"the {t.name} was removed"
     images = [draw_scene(scene, background), draw_scene(after, background)]
-    return Example("change", images, "What changed between the two images?", answer, how)
+    facts = (scene_facts(scene), scene_facts(after))
+    return [Example("change", images, "What changed between the two images?", answer, how, facts)]
