@@ -98,7 +98,8 @@ def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
         x = rng.randint(12, max(12, int(SIZE - 12 - w)))
         draw.text((x, y), line, fill=colour, font=font)
         y += int(size * 1.3)
-    facts = {f"{n} words"} | {f"word {w}" for w in words if not w.isdigit()} | {f"char {c}" for c in text if c.isdigit()}
+    facts = {f"{n} words"} | {f"word {w}" for w in words if not w.isdigit()}
+    facts |= {f"char {c}" for c in text if c.isdigit()}
     return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", (frozenset(facts),))]
 
 
