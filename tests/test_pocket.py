@@ -28,6 +28,12 @@ def examples():
     return held_out(200, seed=HELD_OUT_SEED + 1)
 
 
+@pytest.fixture(scope="module")
+def accuracy(pocket, examples):
+    """The float32 model's held-out accuracy, scored once for every test that compares against it."""
+    return evaluate(pocket, examples)
+
+
 def other_images(examples):
     """The same questions, each about the images of the next example of its task."""
     out = []
@@ -53,10 +59,10 @@ def test_own_tokenizer_with_the_chat_special_tokens(pocket):
     assert pocket.model.config.vision.tokens_per_side == 4  # its own crop grid, through the same code
 
 
-def test_answers_come_from_the_images(pocket, examples):
+def test_answers_come_from_the_images(pocket, examples, accuracy):
     """Held-out accuracy, and that it is the images that earn it: asked about the wrong images, the same
     questions are answered far worse (a pipeline that drops or scrambles images fails here)."""
-    right, wrong = evaluate(pocket, examples), evaluate(pocket, other_images(examples))
+    right, wrong = accuracy, evaluate(pocket, other_images(examples))
     for task, (floor, margin) in FLOORS.items():
         assert right[task]["all"] >= floor, (task, right[task])
         assert right[task]["all"] >= wrong[task]["all"] + margin, (task, right[task], wrong[task])
@@ -73,10 +79,10 @@ def test_batched_single_and_cached_give_the_same_answers(pocket, examples):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_accuracy_stays_close(pocket, examples, mode):
-    base = evaluate(pocket, examples)
+def test_quantized_accuracy_stays_close(examples, accuracy, mode):
+    base = accuracy
     quant = evaluate(phi3v.load("pocket", device="cpu", dtype="float32", quantize=mode), examples)
-    for task in FLOORS:  # measured on 400 examples: within 2 points (docs/pocket.md)
+    for task in FLOORS:  # measured on 400 examples: within 3 points (docs/pocket.md)
         assert quant[task]["all"] >= base[task]["all"] - 0.06, (mode, task, base[task], quant[task])
 
 

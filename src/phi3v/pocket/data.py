@@ -179,6 +179,7 @@ def shapes(rng: random.Random) -> list[Example]:
 
 
 def scene_facts(scene: list[Shape]) -> frozenset[str]:
+    """The FACTS a scene shows: each shape by colour and kind, and how many there are."""
     return frozenset({s.name for s in scene} | {f"{len(scene)} shapes"})
 
 
