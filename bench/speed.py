@@ -227,7 +227,7 @@ def main() -> None:
     ap.add_argument("--no-agreement", action="store_true", help="skip the bf16 reference and the teacher-forced passes")
     ap.add_argument("--baseline-agreement", action="store_true",
                     help="also teacher-force the baselines (shows they compute what phi3v does; one more prefill each)")
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/speed.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -69,12 +69,39 @@ def test_quantized_layers_match_dequantized_math(mode, weight_err):
         assert rel(got, want) < 5e-3, (rows, rel(got, want))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_many_rows_dequantize_in_blocks_and_run_in_float32_without_bf16(monkeypatch, mode):
+    """Prompts dequantize a block of output rows at a time (bounded temporary memory), and bf16 activations
+    take the float32 GEMM on CPUs that emulate bf16, like the dense layers (module docstring)."""
+    w, b = weights(n=256)
+    layer = quantize_layer(w, b, mode, CPU, group_size=32)
+    deq = layer.dequantize(torch.float32)
+    assert torch.equal(torch.cat([layer.dequantize(torch.float32, lo, lo + 64) for lo in range(0, 256, 64)]), deq)
+    x = torch.randn(2, linear.FEW_ROWS, 128).bfloat16()  # 64 rows: the many-row route
+    gemms, plain = [], F.linear
+    monkeypatch.setattr(linear, "DEQUANT_BLOCK", 64)
+    monkeypatch.setattr(F, "linear", lambda a, w, bias=None: gemms.append((a.dtype, w.shape)) or plain(a, w, bias))
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: False)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and rel(got, plain(x.float(), deq, b)) < 3e-3
+    assert gemms == [(torch.float32, (64, 128))] * 4
+    gemms.clear()
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: True)
+    layer(x)
+    assert gemms == [(torch.bfloat16, (64, 128))] * 4
+
+
 def test_int8_error_is_per_channel():
     """A channel of large weights does not coarsen the others (one scale per output row)."""
     w, _ = weights()
     w[0] *= 1000
     deq = Int8Linear.quantize(w, None, CPU).dequantize(torch.float32)
     assert rel(deq[1:], w[1:]) < 0.01
+
+
+def test_int4_default_group_is_the_largest_that_divides_the_inputs():
+    assert quantize_layer(weights(k=256)[0], None, "int4", CPU).group_size == 128
+    assert quantize_layer(weights(k=96)[0], None, "int4", CPU).group_size == 32
 
 
 def test_int4_group_size_must_divide_inputs():

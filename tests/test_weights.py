@@ -1,6 +1,7 @@
 """Checkpoint layout and loading (spec §2)."""
 
 import json
+import platform
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from phi3v.checkpoint import checkpoint_shapes, preset, random_model, write_checkpoint
 from phi3v.errors import Phi3VError
+from phi3v import weights
 from phi3v.weights import INDEX_FILE, load_model, resolve_checkpoint
 
 
@@ -153,3 +155,14 @@ def test_quantize_errors(tiny_checkpoint):
         load_model(tiny_checkpoint, quantize="int2")
     with pytest.raises(Phi3VError, match="group size 128 does not divide in_features 64"):
         load_model(tiny_checkpoint, quantize="int4", group_size=128)
+
+
+def test_freed_memory_goes_back_to_the_os_unless_the_user_tuned_malloc(monkeypatch):
+    """glibc's malloc is told to map blocks of 1 MiB and up on their own (weights.return_freed_memory)."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    weights.return_freed_memory.cache_clear()
+    assert weights.return_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    weights.return_freed_memory.cache_clear()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert weights.return_freed_memory() is True

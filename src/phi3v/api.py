@@ -201,15 +201,15 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     feature_cache_bytes: int = 512 << 20,
     quantize: str | None = None,
-    group_size: int = 32,
+    group_size: int | None = None,
 ) -> Phi3V:
     """Load a checkpoint folder, or a hub id from the local Hugging Face cache, onto a device.
 
     device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N". dtype: "auto" (see `pick_dtype`),
     "bfloat16", "float16" or "float32". num_crops: image tiles, default from preprocessor_config.json.
     feature_cache_bytes: memory for the features of recently seen images (0 turns the cache off).
-    quantize: None, "int8" or "int4" (groups of `group_size` inputs): weight-only quantization of the
-    linear layers while loading; about 2x / 3.5x less memory and faster decoding (docs/benchmarks.md).
+    quantize: None, "int8" or "int4" (groups of `group_size` inputs, 128 by default): weight-only
+    quantization of the linear layers while loading; about 2x / 3.5x less memory and faster decoding (docs/benchmarks.md).
     """
     folder = resolve_checkpoint(model)
     dev = pick_device(device)

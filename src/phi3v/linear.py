@@ -8,8 +8,9 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
 - int8 / int4: PyTorch's weight-only kernels for few rows, fed bfloat16 activations (float32 ones run
-  10-20x slower). Many rows dequantize the layer's weight and use the dense GEMM, twice as fast as
-  the int kernels there, at the cost of one layer's weight in temporary memory.
+  10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
+  GEMM (in float32 where bf16 is emulated, as above), twice as fast as the int kernels there; the
+  blocks keep the temporary memory to a few tens of MB instead of several copies of the layer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from phi3v.errors import Phi3VError
 
 # Up to this many rows a product counts as "decoding" and goes to the few-row kernels.
 FEW_ROWS = 32
+# Output rows dequantized at a time for a many-row product (a multiple of every int4 layout block).
+DEQUANT_BLOCK = 4096
 QUANT_MODES = ("int8", "int4")
+# int4 inputs per (scale, zero) pair, by default the first that divides a layer's inputs. 128 is the usual
+# choice for 4-bit LLM weights (GPTQ, AWQ, gpt-fast); 32 costs 0.3 GiB more on Phi-3-V for no accuracy the
+# pocket model can measure (docs/benchmarks.md).
+INT4_GROUP_SIZES = (128, 64, 32)
 
 
 @functools.cache
@@ -41,6 +48,25 @@ def cpu_has_fast_bf16() -> bool:
 
 def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+def _gemm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a many-row product runs in: float32 for bf16 activations on a CPU that emulates bf16."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        return torch.float32
+    return x.dtype
+
+
+def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
+    """x @ dequant(W).T for many rows of x, dequantizing DEQUANT_BLOCK output rows of W at a time."""
+    dt = _gemm_dtype(x)
+    x2 = x.reshape(-1, layer.in_features).to(dt)
+    bias = None if layer.bias is None else layer.bias.to(dt)
+    blocks = []
+    for lo in range(0, layer.out_features, DEQUANT_BLOCK):
+        hi = lo + DEQUANT_BLOCK
+        blocks.append(F.linear(x2, layer.dequantize(dt, lo, hi), None if bias is None else bias[lo:hi]))
+    return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 class Linear(nn.Linear):
@@ -68,7 +94,7 @@ class Linear(nn.Linear):
             y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).float().to_mkldnn(), w).to_dense()
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if x.device.type == "cpu" and w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and not cpu_has_fast_bf16():
+        if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
             return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
         return super().forward(x)
 
@@ -110,12 +136,13 @@ class Int8Linear(nn.Module):
             scales[lo : lo + 4096] = s
         return cls(q, scales, None if bias is None else bias.to(device))
 
-    def dequantize(self, dtype: torch.dtype) -> Tensor:
-        return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+    def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None) -> Tensor:
+        """Output rows lo:hi of the weight (all of it by default) in `dtype`."""
+        return (self.qweight[lo:hi].to(torch.float32) * self.scales[lo:hi, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if _rows(x) > FEW_ROWS:
-            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return _dequantized_product(self, x)
         kd = _kernel_dtype(x)
         key = (kd, self.scales.device)
         if key not in self._kernel_scales:
@@ -143,9 +170,13 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device, group_size: int) -> Int4Linear:
-        """Quantize `weight` onto `device` with min/max scaling per group (15 steps between them)."""
+    def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device, group_size: int | None = None
+                 ) -> Int4Linear:  # fmt: skip
+        """Quantize `weight` onto `device` with min/max scaling per group (15 steps between them); groups
+        of `group_size` inputs, or by default the first of INT4_GROUP_SIZES that divides them."""
         n, k = weight.shape
+        if group_size is None:
+            group_size = next((g for g in INT4_GROUP_SIZES if k % g == 0), INT4_GROUP_SIZES[-1])
         if k % group_size:
             raise Phi3VError(f"int4 group size {group_size} does not divide in_features {k}; use 32, 64 or 128")
         q = torch.empty((n, k), dtype=torch.int32, device=device)
@@ -159,21 +190,25 @@ class Int4Linear(nn.Module):
             sz[:, lo : lo + 4096] = torch.stack([scale, lo_v + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16)
         return cls(_pack_int4(q), sz, None if bias is None else bias.to(device), (n, k), group_size)
 
-    def dequantize(self, dtype: torch.dtype) -> Tensor:
-        q = _unpack_int4(self.qweight, self.out_features, self.in_features).float()
-        s, z = self.scales_and_zeros.float().unbind(-1)  # (groups, n)
-        g = self.group_size
-        w = (q.reshape(self.out_features, -1, g) - 8) * s.t()[..., None] + z.t()[..., None]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+    def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None) -> Tensor:
+        """Output rows lo:hi of the weight (all of it by default; lo and hi multiples of the layout's
+        row block) in `dtype`."""
+        hi = self.out_features if hi is None else min(hi, self.out_features)
+        k, g = self.in_features, self.group_size
+        b = _cpu_int4_block()
+        q = _unpack_int4(self.qweight.reshape(-1, k, b // 2)[lo // b : hi // b], hi - lo, k).float()
+        s, z = self.scales_and_zeros[:, lo:hi].float().unbind(-1)  # (groups, rows)
+        w = (q.reshape(hi - lo, -1, g) - 8).mul_(s.t()[..., None]).add_(z.t()[..., None])
+        return w.reshape(hi - lo, k).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.qweight.device.type != self.packed_for:
             raise Phi3VError(f"int4 weights packed for {self.packed_for} cannot run on {self.qweight.device.type}; "
                              "load the model with that device instead of moving it")  # fmt: skip
+        if _rows(x) > FEW_ROWS and x.device.type == "cpu" and _cpu_int4_block() is not None:
+            return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > FEW_ROWS and x.device.type == "cpu" and _cpu_int4_block() is not None:
-            y = F.linear(x2, self.dequantize(x.dtype))
-        elif x.device.type == "cpu":
+        if x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_and_zeros)  # fmt: skip
         else:
@@ -219,7 +254,8 @@ def check_quant_mode(mode: str | None) -> None:
         raise Phi3VError(f"unknown quantization {mode!r}; use one of {', '.join(QUANT_MODES)} or none")
 
 
-def quantize_layer(weight: Tensor, bias: Tensor | None, mode: str, device: torch.device, group_size: int) -> nn.Module:
+def quantize_layer(weight: Tensor, bias: Tensor | None, mode: str, device: torch.device,
+                   group_size: int | None = None) -> nn.Module:  # fmt: skip
     """A quantized linear layer built from a stored `weight` (and `bias`)."""
     check_quant_mode(mode)
     if mode == "int8":
