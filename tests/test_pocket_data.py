@@ -116,7 +116,7 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
 
     from phi3v.model import Phi3VForCausalLM
     from phi3v.pocket.train import (
-        IGNORE, build_tokenizer, collate, conversation, init_weights, param_groups, pocket_config, probes, train_step,
+        IGNORE, build_tokenizer, collate, conversation, init_weights, param_groups, pocket_config, train_step,
     )  # fmt: skip
 
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     learned = tok.decode([int(t) for t in b["labels"][0] if t not in (IGNORE, tok.end_token_id)])
     assert learned.replace(" ", "") == "".join(ex.answer for ex in convs[0]).replace(" ", "")
     assert int((b["labels"][0] == tok.end_token_id).sum()) == len(convs[0]) > 1  # every turn is learned
-    probe = probes(cfg)
+    probe = torch.nn.Linear(cfg.text.hidden_size, len(FACTS))
     opt = torch.optim.AdamW(param_groups(model, 3e-3) + [{"params": list(probe.parameters()), "lr": 3e-3}])
     weight = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight
     patch = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
@@ -144,22 +144,3 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
         opt.step()
     (lm0, aux0), (lm, aux) = history[0], history[-1]
     assert lm < 0.5 * lm0 and aux < 0.5 * aux0, history
-
-
-def test_region_targets_name_what_each_token_sees():
-    """Per-token targets follow the HD transform's token order (spec §4.3): 8x8 tile tokens of 42 px, each
-    row closed by sub_GN, glb_GN, then the 4x4 global view's tokens of 84 px."""
-    from phi3v.pocket.data import REGION_FACTS
-    from phi3v.pocket.train import region_targets, token_boxes
-
-    boxes, real = token_boxes(side=4)
-    assert len(boxes) == 93 and int(real.sum()) == 64 + 16
-    assert not real[8] and not real[72] and not real[73 + 4]  # first sub_GN, glb_GN, first global sub_GN
-    square = frozenset({"red", "square", "red square"})
-    t = region_targets((((90, 0, 120, 30), square),), boxes)  # inside tile column 2, global column 1
-    red = REGION_FACTS.index("red square")
-    assert t[:, red].nonzero().flatten().tolist() == [2, 73 + 1]
-    assert t.sum(1).tolist().count(3.0) == 2  # colour, kind and both on each
-    # A character box needs a quarter of itself inside a token: 20 px over the 42 px boundary is enough.
-    c = region_targets((((30, 0, 50, 20), frozenset({"char a"})),), boxes)[:, REGION_FACTS.index("char a")]
-    assert c.nonzero().flatten().tolist() == [0, 1, 73]

@@ -36,14 +36,6 @@ FACTS = (
     *(f"{n} bars" for n in range(3, 6)), *(f"word {w}" for w in WORDS), *(f"char {c}" for c in "0123456789"),
     *(f"{n} words" for n in range(1, 5)),
 )  # fmt: skip
-# Where things are: names given to boxes of an image (`Example.regions`), the training script's per-token
-# target for the vision tower. Every shape, bar and character drawn, and every word.
-REGION_FACTS = (
-    *COLOURS, *SHAPES, *(f"{c} {k}" for c in COLOURS for k in SHAPES), "bar",
-    *(f"char {c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789ABCDE"), *(f"word {w}" for w in WORDS),
-)  # fmt: skip
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in image pixels
-Regions = tuple[tuple[Box, frozenset[str]], ...]
 BACKGROUNDS = ((255, 255, 255), (245, 240, 225), (225, 235, 245), (235, 235, 235), (250, 230, 230))
 
 
@@ -57,7 +49,6 @@ class Example:
     answer: str
     kind: str = ""  # the question type inside the task, for per-type accuracy
     facts: tuple[frozenset[str], ...] = field(default=(), compare=False)  # per image, names from FACTS
-    regions: tuple[Regions, ...] = field(default=(), compare=False)  # per image, names from REGION_FACTS
 
 
 def questions(task: str, rng: random.Random) -> list[Example]:
@@ -102,35 +93,14 @@ def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
         lines = _wrap(words, font, SIZE - 24)
     height = int(len(lines) * size * 1.3)
     y = rng.randint(12, max(12, SIZE - 12 - height))
-    regions: list[tuple[Box, frozenset[str]]] = []
     for line in lines:
         w = draw.textlength(line, font=font)
         x = rng.randint(12, max(12, int(SIZE - 12 - w)))
         draw.text((x, y), line, fill=colour, font=font)
-        regions += text_regions(draw, (x, y), line, font)
         y += int(size * 1.3)
     facts = {f"{n} words"} | {f"word {w}" for w in words if not w.isdigit()}
     facts |= {f"char {c}" for c in text if c.isdigit()}
-    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", (frozenset(facts),),
-                    (tuple(regions),))]  # fmt: skip
-
-
-def text_regions(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font, anchor: str = "la"
-                 ) -> list[tuple[Box, frozenset[str]]]:  # fmt: skip
-    """The box of each character of `text` drawn at `xy` (Pillow's anchor), and of each listed word."""
-    x0, y0, x1, y1 = draw.textbbox(xy, text, font=font, anchor=anchor)
-    out, start = [], 0
-    for word in text.split(" "):
-        start = text.index(word, start)
-        left = x0 + draw.textlength(text[:start], font=font)
-        for i, c in enumerate(word):
-            a = left + draw.textlength(word[:i], font=font)
-            out.append(((int(a), y0, int(left + draw.textlength(word[: i + 1], font=font)) + 1, y1),
-                        frozenset({f"char {c}"})))  # fmt: skip
-        if word in WORDS:
-            out.append(((int(left), y0, int(left + draw.textlength(word, font=font)) + 1, y1), frozenset({f"word {word}"})))
-        start += len(word)
-    return out
+    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", (frozenset(facts),))]
 
 
 def _wrap(words: list[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
@@ -200,22 +170,17 @@ def shapes(rng: random.Random) -> list[Example]:
     scene = random_scene(rng)
     img = draw_scene(scene, rng.choice(BACKGROUNDS))
     kinds = [s.kind for s in scene]
-    f, r = (scene_facts(scene),), (scene_regions(scene),)
-    qs = [Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count", f, r)]
+    f = (scene_facts(scene),)
+    qs = [Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count", f)]
     for kind in (k for k in SHAPES if kinds.count(k) == 1):
         colour = next(s.colour for s in scene if s.kind == kind)
-        qs.append(Example("shapes", [img], f"What colour is the {kind}?", colour, "colour", f, r))
-    return qs + [Example("shapes", [img], "Describe the image.", describe(scene), "describe", f, r)]
+        qs.append(Example("shapes", [img], f"What colour is the {kind}?", colour, "colour", f))
+    return qs + [Example("shapes", [img], "Describe the image.", describe(scene), "describe", f)]
 
 
 def scene_facts(scene: list[Shape]) -> frozenset[str]:
     """The FACTS a scene shows: each shape by colour and kind, and how many there are."""
     return frozenset({s.name for s in scene} | {f"{len(scene)} shapes"})
-
-
-def scene_regions(scene: list[Shape]) -> Regions:
-    """Each shape's box, named by its colour, its kind and both."""
-    return tuple(((s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r), frozenset({s.colour, s.kind, s.name})) for s in scene)
 
 
 # --- bar chart -------------------------------------------------------------------------------------------
@@ -232,7 +197,6 @@ def chart(rng: random.Random) -> list[Example]:
     slot = (SIZE - 2 * left) // n
     colour = COLOURS[rng.choice(["blue", "green", "red", "purple", "orange"])]
     draw.line((left - 6, base, SIZE - left + 6, base), fill=(0, 0, 0), width=2)
-    regions: list[tuple[Box, frozenset[str]]] = []
     for i, (lab, v) in enumerate(zip(labels, values)):
         x0 = left + i * slot + slot // 5
         x1 = left + (i + 1) * slot - slot // 5
@@ -241,13 +205,10 @@ def chart(rng: random.Random) -> list[Example]:
         cx = (x0 + x1) // 2
         draw.text((cx, base + 4), lab, fill=(0, 0, 0), font=font, anchor="mt")
         draw.text((cx, y - 4), str(v), fill=(0, 0, 0), font=font, anchor="mb")
-        regions.append(((x0, y, x1, base), frozenset({"bar"})))
-        regions += text_regions(draw, (cx, base + 4), lab, font, "mt") + text_regions(draw, (cx, y - 4), str(v), font, "mb")
     top = labels[values.index(max(values))]
     f = (frozenset({f"bar {lab} {v}" for lab, v in zip(labels, values)} | {f"tallest {top}", f"{n} bars"}),)
-    r = (tuple(regions),)
-    tallest = Example("chart", [img], "Which bar is the tallest?", top, "tallest", f, r)
-    return [tallest] + [Example("chart", [img], f"What is the value of bar {lab}?", str(v), "value", f, r)
+    tallest = Example("chart", [img], "Which bar is the tallest?", top, "tallest", f)
+    return [tallest] + [Example("chart", [img], f"What is the value of bar {lab}?", str(v), "value", f)
                         for lab, v in zip(labels, values)]  # fmt: skip
 
 
@@ -282,5 +243,4 @@ def change(rng: random.Random) -> list[Example]:
         answer = f"the {t.name} was removed"
     images = [draw_scene(scene, background), draw_scene(after, background)]
     facts = (scene_facts(scene), scene_facts(after))
-    regions = (scene_regions(scene), scene_regions(after))
-    return [Example("change", images, "What changed between the two images?", answer, how, facts, regions)]
+    return [Example("change", images, "What changed between the two images?", answer, how, facts)]

@@ -29,7 +29,7 @@ from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.language import AttentionInputs
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket import FOLDER
-from phi3v.pocket.data import FACTS, REGION_FACTS, SIZE, TASKS, Example, Regions, dataset, questions
+from phi3v.pocket.data import FACTS, TASKS, Example, dataset, questions
 from phi3v.prompt import Tokenizer, build_input_ids, chat_prompt
 from phi3v.rope import cos_sin
 
@@ -37,7 +37,6 @@ NUM_CROPS = 4  # a square image becomes a 2x2 grid of tiles plus the global view
 IGNORE = -100
 MAX_TURNS = 6  # questions per training conversation
 AUX_WEIGHT = 0.1  # of the per-image fact loss (a sum over FACTS) against the per-token answer loss
-TOKEN_WEIGHT = 1.0  # of the per-token region loss (a sum over REGION_FACTS) against the per-image one
 
 
 def pocket_config(vocab_size: int, pad_token_id: int) -> Phi3VConfig:
@@ -114,50 +113,14 @@ def encode(tok: Tokenizer, turns: list[Example], side: int) -> tuple[list[int], 
     return ids, labels, inputs.pixel_values, inputs.image_sizes
 
 
-def token_boxes(side: int) -> tuple[Tensor, Tensor]:
-    """The image region each of a SIZE-square image's tokens sees at NUM_CROPS (a 2x2 tile grid), in the HD
-    transform's order (spec §4.3): the tiles' (2 side x 2 side) grid, glb_GN, the global view's (side x
-    side) grid, each grid row closed by sub_GN. Returns boxes (T, 4) and which tokens are not separators."""
-    boxes, real = [], []
-    for n in (2 * side, side):  # tokens per row: tiles' grid, then the global view
-        cell = SIZE / n
-        for r in range(n):
-            boxes += [(c * cell, r * cell, (c + 1) * cell, (r + 1) * cell) for c in range(n)] + [(0, 0, 0, 0)]
-            real += [True] * n + [False]
-        if n == 2 * side:
-            boxes.append((0, 0, 0, 0))  # glb_GN
-            real.append(False)
-    return torch.tensor(boxes), torch.tensor(real)
-
-
-def region_targets(regions: Regions, boxes: Tensor) -> Tensor:
-    """(T, len(REGION_FACTS)) multi-hot: a token shows a region's names when their boxes overlap by at least
-    a quarter of the smaller box (a character in a token's corner counts, a shape's stray pixel does not)."""
-    out = torch.zeros(len(boxes), len(REGION_FACTS))
-    if not regions:
-        return out
-    index = {f: i for i, f in enumerate(REGION_FACTS)}
-    rb = torch.tensor([b for b, _ in regions], dtype=torch.float32)
-    names = torch.zeros(len(regions), len(REGION_FACTS))
-    for i, (_, fs) in enumerate(regions):
-        names[i, [index[f] for f in fs]] = 1.0
-    w = (torch.minimum(boxes[:, None, 2], rb[None, :, 2]) - torch.maximum(boxes[:, None, 0], rb[None, :, 0])).clamp(min=0)
-    h = (torch.minimum(boxes[:, None, 3], rb[None, :, 3]) - torch.maximum(boxes[:, None, 1], rb[None, :, 1])).clamp(min=0)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    hit = (w * h > 0) & (w * h >= 0.25 * torch.minimum(area(boxes)[:, None], area(rb)[None]))
-    return (hit.float() @ names).clamp(max=1.0)
-
-
 def collate(tok: Tokenizer, convs: list[list[Example]], side: int) -> dict[str, Tensor]:
     """Right-padded ids and labels; every image's crops stacked in conversation order, with its image-token
-    count, its facts (multi-hot over FACTS) and each token's region names (multi-hot over REGION_FACTS)."""
+    count and its facts (multi-hot over FACTS)."""
     rows = [encode(tok, turns, side) for turns in convs]
     index = {f: i for i, f in enumerate(FACTS)}
     facts = torch.zeros(sum(len(t[0].images) for t in convs), len(FACTS))
     for i, fs in enumerate(f for turns in convs for f in turns[0].facts):
         facts[i, [index[f] for f in fs]] = 1.0
-    boxes, real = token_boxes(side)
-    regions = [region_targets(r, boxes) for turns in convs for r in turns[0].regions]
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -166,59 +129,22 @@ def collate(tok: Tokenizer, convs: list[list[Example]], side: int) -> dict[str, 
     pixels = torch.cat([r[2] for r in rows])
     sizes = torch.cat([r[3] for r in rows])
     counts = [num_image_tokens(int(h), int(w), side) for h, w in sizes.tolist()]
-    if any(n != len(boxes) for n in counts):
-        raise ValueError(f"pocket images must be {SIZE} px squares ({len(boxes)} tokens at {NUM_CROPS} crops)")
     return {"ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": sizes, "facts": facts,
-            "image_tokens": counts, "regions": torch.cat(regions), "real": real.repeat(len(counts))}  # fmt: skip
+            "image_tokens": counts}  # fmt: skip
 
 
-class WordProbe(nn.Module):
-    """Per-token region facts scored against the decoder's own word embeddings: fact f's logit is
-    scale * <token feature, mean embedding of f's words> + bias_f. It pulls each image token towards the
-    embeddings of the words that name what it shows, so a question's words can find it by attention."""
+def losses(model: Phi3VForCausalLM, probe: nn.Linear, b: dict) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy of every answer token, and each image's summed fact loss, both unreduced.
 
-    def __init__(self, tok: Tokenizer, vocab: int):
-        super().__init__()
-        mix = torch.zeros(len(REGION_FACTS), vocab)
-        for i, fact in enumerate(REGION_FACTS):
-            words = [fact.split()[1]] if fact.startswith(("char ", "word ")) else fact.split()
-            ids = [tok.encode(w, add_bos=False)[-1] for w in words]  # the last id: past a digit's space marker
-            mix[i, ids] = 1.0 / len(ids)
-        self.register_buffer("mix", mix)
-        self.scale = nn.Parameter(torch.tensor(1.0))
-        self.bias = nn.Parameter(torch.zeros(len(REGION_FACTS)))
-
-    def forward(self, feats: Tensor, embeddings: Tensor) -> Tensor:
-        return feats @ (self.mix @ embeddings).T * self.scale + self.bias
-
-
-def probes(cfg: Phi3VConfig, tok: Tokenizer | None = None) -> nn.ModuleDict:
-    """The heads of the fact losses (see `losses`): a linear one per image; per image token, a linear one,
-    or a `WordProbe` when the tokenizer is given."""
-    h = cfg.text.hidden_size
-    token = nn.Linear(h, len(REGION_FACTS)) if tok is None else WordProbe(tok, cfg.text.vocab_size)
-    return nn.ModuleDict({"image": nn.Linear(h, len(FACTS)), "token": token})
-
-
-def losses(model: Phi3VForCausalLM, probe: nn.ModuleDict, b: dict, token_weight: float = TOKEN_WEIGHT
-           ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Next-token cross-entropy of every answer token, and each image's fact loss, both unreduced.
-
-    The fact loss is the vision tower's own pretraining (Phi-3-V's tower came pretrained, by CLIP): linear
-    probes on the projected tokens predict what the image shows (from their mean) and what each token's
-    region shows (from that token). Without them the tower learns through the decoder's attention alone,
-    and in 160 steps a one-shape colour question stayed near chance (loss 2.1 -> 1.8); with the image
-    probe the same run learned it (loss 2.1 -> 0.6). The probes are not part of the shipped model.
+    The fact loss is the vision tower's own pretraining (Phi-3-V's tower came pretrained, by CLIP): a linear
+    probe on the mean of an image's projected tokens predicts what the image shows. Without it the tower
+    learns through the decoder's attention alone, and in 160 steps a one-shape colour question stayed near
+    chance (loss 2.1 -> 1.8); with it the same run learned it (loss 2.1 -> 0.6). The probe is not part of
+    the shipped model.
     """
     feats = model.encode_images(b["pixel_values"], b["image_sizes"])
     pooled = torch.stack([f.mean(0) for f in feats.split(b["image_tokens"])])
-    aux = F.binary_cross_entropy_with_logits(probe["image"](pooled), b["facts"], reduction="none").sum(1)
-    if token_weight:
-        head = probe["token"]
-        logits = head(feats, model.model.embed_tokens.weight) if isinstance(head, WordProbe) else head(feats)
-        per_token = F.binary_cross_entropy_with_logits(logits, b["regions"], reduction="none").sum(1)
-        per_token = (per_token * b["real"]).view(len(pooled), -1).sum(1) / b["real"].view(len(pooled), -1).sum(1)
-        aux = aux + token_weight * per_token
+    aux = F.binary_cross_entropy_with_logits(probe(pooled), b["facts"], reduction="none").sum(1)
     x = model.embed(b["ids"], feats)
     B, T = b["ids"].shape
     pos = torch.arange(T).expand(B, T)
@@ -238,8 +164,7 @@ def conversation(task: str, rng: random.Random, max_turns: int = MAX_TURNS) -> l
 
 
 def train_step(
-    model: Phi3VForCausalLM, probe: nn.ModuleDict, tok: Tokenizer, convs: list[list[Example]], side: int,
-    token_weight: float = TOKEN_WEIGHT,
+    model: Phi3VForCausalLM, probe: nn.Linear, tok: Tokenizer, convs: list[list[Example]], side: int
 ) -> tuple[float, float]:
     """Accumulate the gradient of (mean answer-token loss + AUX_WEIGHT * mean fact loss per image) over
     `convs`, one micro-batch per task so that short single-image conversations are not padded to the
@@ -252,7 +177,7 @@ def train_step(
     images = sum(len(b["image_tokens"]) for b in batches)
     lm_total = aux_total = 0.0
     for b in batches:
-        lm, aux = losses(model, probe, b, token_weight)
+        lm, aux = losses(model, probe, b)
         lm, aux = lm.sum() / tokens, aux.sum() / images
         (lm + AUX_WEIGHT * aux).backward()
         lm_total, aux_total = lm_total + lm.item(), aux_total + aux.item()
@@ -277,8 +202,7 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
 
 
 def train(
-    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
-    token_weight: float = TOKEN_WEIGHT, word_probe: bool = False,
+    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. Returns pocket.json's content."""
@@ -293,21 +217,21 @@ def train(
     init_weights(model, seed)
     side = cfg.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
-    probe = probes(cfg, tok if word_probe else None)
+    probe = nn.Linear(cfg.text.hidden_size, len(FACTS))
     probe_group = {"params": list(probe.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0}
     opt = torch.optim.AdamW(param_groups(model, lr) + [probe_group], betas=(0.9, 0.95))
     rng = random.Random(seed)
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"training {params / 1e6:.1f}M params", unit="step")
     smooth = [0.0, 0.0]
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "token_weight": token_weight, "word_probe": word_probe, "seed": seed,
-            "parameters": params, "threads": torch.get_num_threads()}  # fmt: skip
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": params,
+            "threads": torch.get_num_threads()}  # fmt: skip
     for step in bar:
         convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(batch_size)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, g["base_lr"])
         opt.zero_grad(set_to_none=True)
-        got = train_step(model, probe, tok, convs, side, token_weight)
+        got = train_step(model, probe, tok, convs, side)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
@@ -335,13 +259,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--token-weight", type=float, default=TOKEN_WEIGHT, help="of the per-token region loss")
-    ap.add_argument("--word-probe", action="store_true")
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
                     help="also write the files every N steps (0: only at the end)")  # fmt: skip
     a = ap.parse_args()
-    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.token_weight, a.word_probe)
+    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every)
     print(json.dumps(info, indent=2))
 
 
