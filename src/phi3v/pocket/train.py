@@ -76,27 +76,6 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def pca_patch_embedding(model: Phi3VForCausalLM, seed: int, images: int = 48) -> None:
-    """Set the patch embedding to the whitened principal components of patches of training images.
-
-    It learns at a scaled-down rate (`param_groups`), so it stays close to its start: a random projection
-    keeps a patch's colour but blurs its edges and strokes into noise, while the leading components of
-    real patches are exactly the colours, edges and gradients, each at unit variance."""
-    conv = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding
-    rng = random.Random(seed)
-    pics = [im for i in range(images) for im in questions(TASKS[i % len(TASKS)], rng)[0].images]
-    crops = preprocess(pics, NUM_CROPS, side=model.config.vision.tokens_per_side).pixel_values.flatten(0, 1)
-    p = conv.kernel_size[0]
-    patches = crops.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
-    patches = patches[patches.abs().sum(1) > 0]  # not the zero padding of absent crops
-    _, s, v = torch.pca_lowrank(patches, q=conv.out_channels + 8, center=True, niter=4)  # the global RNG: seeded
-    std = s[: conv.out_channels] / (len(patches) - 1) ** 0.5
-    std = std.clamp(min=1e-2 * float(std[0]))  # whiten, but do not blow up the faintest components
-    sign = torch.randint(0, 2, (conv.out_channels,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    with torch.no_grad():
-        conv.weight.copy_((v[:, : conv.out_channels] / std * sign).T.reshape(conv.weight.shape))
-
-
 def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01) -> list[dict]:
     """AdamW groups: decay on matrices only; the patch embedding's rate scaled down by hidden/fan-in.
 
@@ -223,8 +202,7 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
 
 
 def train(
-    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
-    patch_init: str = "random",
+    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. Returns pocket.json's content."""
@@ -237,8 +215,6 @@ def train(
     cfg = pocket_config(vocab, tok.pad_token_id)
     model = Phi3VForCausalLM(cfg)
     init_weights(model, seed)
-    if patch_init == "pca":
-        pca_patch_embedding(model, seed)
     side = cfg.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
     probe = nn.Linear(cfg.text.hidden_size, len(FACTS))
@@ -248,8 +224,8 @@ def train(
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"training {params / 1e6:.1f}M params", unit="step")
     smooth = [0.0, 0.0]
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "patch_init": patch_init, "seed": seed,
-            "parameters": params, "threads": torch.get_num_threads()}  # fmt: skip
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": params,
+            "threads": torch.get_num_threads()}  # fmt: skip
     for step in bar:
         convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(batch_size)]
         for g in opt.param_groups:
@@ -283,12 +259,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--patch-init", choices=["random", "pca"], default="random")
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
                     help="also write the files every N steps (0: only at the end)")  # fmt: skip
     a = ap.parse_args()
-    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.patch_init)
+    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every)
     print(json.dumps(info, indent=2))
 
 
