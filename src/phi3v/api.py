@@ -209,7 +209,8 @@ def load(
     "bfloat16", "float16" or "float32". num_crops: image tiles, default from preprocessor_config.json.
     feature_cache_bytes: memory for the features of recently seen images (0 turns the cache off).
     quantize: None, "int8" or "int4" (groups of `group_size` inputs, 128 by default): weight-only
-    quantization of the linear layers while loading; about 2x / 3.5x less memory and faster decoding (docs/benchmarks.md).
+    quantization of the linear layers while loading; about 2x / 3.5x less memory and faster decoding
+    (docs/benchmarks.md).
     """
     folder = resolve_checkpoint(model)
     dev = pick_device(device)

@@ -180,8 +180,9 @@ def load_model(
     """Build the model on the meta device and fill it from the folder's safetensors (strict key check).
 
     quantize: None, "int8" or "int4" for the decoder's linear layers (int4 in groups of `group_size`
-    inputs, 128 where they divide the layer's inputs); lm_head and, with `quantize_vision`, the vision tower and projector then get int8. Each
-    layer is quantized as it is read, so no full-precision copy of the model is ever in memory.
+    inputs, by default 128 where that divides a layer's inputs); lm_head and, with `quantize_vision`,
+    the vision tower and projector then get int8. Each layer is quantized as it is read, so no
+    full-precision copy of the model is ever in memory.
     `progress(done, total)` is called after each tensor, for a progress bar.
     """
     check_quant_mode(quantize)  # before any reading
