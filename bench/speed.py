@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/speed.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="auto", help="with --child: compute dtype of int8/int4 (bench/compute_dtype.py)")
     ap.add_argument("--ref", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--agree", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
