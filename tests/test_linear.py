@@ -49,7 +49,39 @@ def test_bf16_many_rows_run_in_float32_on_cpus_without_bf16(monkeypatch):
 
 def test_int4_layout_round_trips():
     q = torch.randint(0, 16, (192, 64), dtype=torch.int32)
-    assert torch.equal(_unpack_int4(_pack_int4(q), 192, 64).int(), q)
+    assert torch.equal(_unpack_int4(_pack_int4(q), torch.empty(192, 64, dtype=torch.int32)), q)
+
+
+def test_many_row_products_reuse_one_scratch_buffer_without_aliasing(monkeypatch):
+    """The float32 weight of a many-row product lives in a per-thread scratch buffer: allocated once,
+    reused by every layer, never aliased by a result, and bypassed when autograd needs the weight later."""
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(linear._scratch, "buf", torch.empty(0))
+    layers = []
+    for seed in (1, 2):
+        w, _ = weights(seed=seed)
+        layer = Linear(128, 256, bias=False).to(torch.bfloat16).requires_grad_(False)
+        layer.weight.data = w.bfloat16()
+        layers.append(layer)
+    x = torch.randn(linear.FEW_ROWS + 1, 128).bfloat16()
+    first = layers[0](x)
+    buf = linear._scratch.buf.data_ptr()
+    second = layers[1](x)
+    assert linear._scratch.buf.data_ptr() == buf  # reused, not reallocated
+    for layer, y in zip(layers, (first, second)):  # the first result survived the second product
+        assert torch.equal(y, F.linear(x.float(), layer.weight.float()).bfloat16())
+    for q in (quantize_layer(layers[0].weight, None, "int8", CPU), quantize_layer(layers[0].weight, None, "int4", CPU)):
+        assert torch.equal(q.dequantize(torch.float32, out=torch.empty(256, 128)), q.dequantize(torch.float32))
+        q(x)
+        assert linear._scratch.buf.data_ptr() == buf
+    # a weight that trains: its float32 copy must outlive the next product, for the backward pass
+    layers[0].weight.requires_grad_(True)
+    xr = x.float().requires_grad_(True)
+    y = layers[0](xr.bfloat16())
+    layers[1](x)
+    y.float().sum().backward()
+    want = layers[0].weight.float().sum(0).expand_as(xr)
+    assert torch.allclose(xr.grad, want, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode, weight_err", [("int8", 0.01), ("int4", 0.1)])

@@ -16,6 +16,7 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -57,15 +58,49 @@ def _gemm_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _Scratch(threading.local):
+    buf = torch.empty(0)
+
+
+_scratch = _Scratch()
+
+
+def _scratch_float32(shape: tuple[int, int]) -> Tensor:
+    """This thread's float32 CPU scratch memory as a `shape` tensor, valid until the next call.
+
+    Many-row products on the CPU need a float32 weight per call (converted from bf16, or dequantized).
+    Fresh memory for it costs page faults that measured several times the conversion itself (5 s of a
+    798-token bf16 prefill of Phi-3-V, and more with the allocator setting of quantized loads), so one
+    buffer per thread is kept, grown to the largest weight seen: 200 MB on Phi-3-V.
+    """
+    n = shape[0] * shape[1]
+    if _scratch.buf.numel() < n:
+        _scratch.buf = torch.empty(0)  # free the old one before allocating the new
+        _scratch.buf = torch.empty(n)
+    return _scratch.buf[:n].view(shape)
+
+
+def _float32_weight(w: Tensor) -> Tensor:
+    """`w` (bf16, CPU) as float32 for one product, in the scratch buffer; a fresh copy when autograd would
+    keep it for the backward pass."""
+    if torch.is_grad_enabled() and w.requires_grad:
+        return w.float()
+    return _scratch_float32(w.shape).copy_(w)
+
+
 def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
-    """x @ dequant(W).T for many rows of x, dequantizing DEQUANT_BLOCK output rows of W at a time."""
+    """x @ dequant(W).T for many rows of x, dequantizing DEQUANT_BLOCK output rows of W at a time (into the
+    scratch buffer on the CPU)."""
     dt = _gemm_dtype(x)
     x2 = x.reshape(-1, layer.in_features).to(dt)
     bias = None if layer.bias is None else layer.bias.to(dt)
+    cpu = x.device.type == "cpu"
     blocks = []
     for lo in range(0, layer.out_features, DEQUANT_BLOCK):
-        hi = lo + DEQUANT_BLOCK
-        blocks.append(F.linear(x2, layer.dequantize(dt, lo, hi), None if bias is None else bias[lo:hi]))
+        hi = min(lo + DEQUANT_BLOCK, layer.out_features)
+        out = _scratch_float32((hi - lo, layer.in_features)) if cpu else None
+        w = layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
+        blocks.append(F.linear(x2, w, None if bias is None else bias[lo:hi]))
     return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -95,7 +130,7 @@ class Linear(nn.Linear):
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
-            return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
+            return F.linear(x.float(), _float32_weight(w), None if self.bias is None else self.bias.float()).to(x.dtype)
         return super().forward(x)
 
 
@@ -136,9 +171,12 @@ class Int8Linear(nn.Module):
             scales[lo : lo + 4096] = s
         return cls(q, scales, None if bias is None else bias.to(device))
 
-    def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None) -> Tensor:
-        """Output rows lo:hi of the weight (all of it by default) in `dtype`."""
-        return (self.qweight[lo:hi].to(torch.float32) * self.scales[lo:hi, None]).to(dtype)
+    def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Output rows lo:hi of the weight (all of it by default) in `dtype`, computed in float32 (in `out`,
+        a float32 (hi - lo, in_features) tensor, when given)."""
+        q = self.qweight[lo:hi]
+        w = out.copy_(q) if out is not None else q.to(torch.float32)
+        return w.mul_(self.scales[lo:hi, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if _rows(x) > FEW_ROWS:
@@ -190,16 +228,19 @@ class Int4Linear(nn.Module):
             sz[:, lo : lo + 4096] = torch.stack([scale, lo_v + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16)
         return cls(_pack_int4(q), sz, None if bias is None else bias.to(device), (n, k), group_size)
 
-    def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None, out: Tensor | None = None) -> Tensor:
         """Output rows lo:hi of the weight (all of it by default; lo and hi multiples of the layout's
-        row block) in `dtype`."""
+        row block) in `dtype`, computed in float32 (in `out`, a float32 (hi - lo, in_features) tensor, when
+        given)."""
         hi = self.out_features if hi is None else min(hi, self.out_features)
         k, g = self.in_features, self.group_size
         b = _cpu_int4_block()
-        q = _unpack_int4(self.qweight.reshape(-1, k, b // 2)[lo // b : hi // b], hi - lo, k).float()
+        w = out if out is not None else torch.empty(hi - lo, k)
+        _unpack_int4(self.qweight.reshape(-1, k, b // 2)[lo // b : hi // b], out=w)
         s, z = self.scales_and_zeros[:, lo:hi].float().unbind(-1)  # (groups, rows)
-        w = (q.reshape(hi - lo, -1, g) - 8).mul_(s.t()[..., None]).add_(z.t()[..., None])
-        return w.reshape(hi - lo, k).to(dtype)
+        # (q - 8) * s + z == q * s + (z - 8 s): two passes over the block instead of three
+        w3 = w.view(hi - lo, -1, g).mul_(s.t()[..., None]).add_((z - 8 * s).t()[..., None])
+        return w3.view(hi - lo, k).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.qweight.device.type != self.packed_for:
@@ -224,13 +265,17 @@ def _pack_int4(q: Tensor) -> Tensor:
     return torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
 
 
-def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
-    """The CPU kernel's layout back to (n, k) codes: blocks of `b` output rows, and within a block for
-    each input column b/2 bytes whose low nibbles hold rows 0..b/2-1 and high nibbles the rest."""
+def _unpack_int4(packed: Tensor, out: Tensor) -> Tensor:
+    """The CPU kernel's layout back to codes, written into `out` (n, k) of any dtype: blocks of `b` output
+    rows, and within a block for each input column b/2 bytes whose low nibbles hold rows 0..b/2-1 and high
+    nibbles the rest."""
     b = _cpu_int4_block()
+    n, k = out.shape
     p = packed.reshape(n // b, k, b // 2)
-    q = torch.cat([p & 15, p >> 4], dim=-1)  # (n/b, k, b)
-    return q.transpose(1, 2).reshape(n, k)
+    blocks = out.view(n // b, b, k)
+    blocks[:, : b // 2].copy_((p & 15).transpose(1, 2))
+    blocks[:, b // 2 :].copy_((p >> 4).transpose(1, 2))
+    return out
 
 
 @functools.cache
