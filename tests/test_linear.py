@@ -82,6 +82,13 @@ def test_many_row_products_reuse_one_scratch_buffer_without_aliasing(monkeypatch
     y.float().sum().backward()
     want = layers[0].weight.float().sum(0).expand_as(xr)
     assert torch.allclose(xr.grad, want, rtol=1e-2, atol=1e-3)
+    # the same for activations that train through a quantized layer (adapters on a quantized model)
+    q = quantize_layer(layers[0].weight, None, "int8", CPU)
+    xr = x.float().requires_grad_(True)
+    y = q(xr)
+    layers[1](x)
+    y.sum().backward()
+    assert torch.allclose(xr.grad, q.dequantize(torch.float32).sum(0).expand_as(xr), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode, weight_err", [("int8", 0.01), ("int4", 0.1)])

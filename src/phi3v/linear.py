@@ -94,11 +94,12 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
     dt = _gemm_dtype(x)
     x2 = x.reshape(-1, layer.in_features).to(dt)
     bias = None if layer.bias is None else layer.bias.to(dt)
-    cpu = x.device.type == "cpu"
+    # autograd keeps the weight of a product for the backward pass: then each block gets its own memory
+    scratch = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
     blocks = []
     for lo in range(0, layer.out_features, DEQUANT_BLOCK):
         hi = min(lo + DEQUANT_BLOCK, layer.out_features)
-        out = _scratch_float32((hi - lo, layer.in_features)) if cpu else None
+        out = _scratch_float32((hi - lo, layer.in_features)) if scratch else None
         w = layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
         blocks.append(F.linear(x2, w, None if bias is None else bias[lo:hi]))
     return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
@@ -235,7 +236,7 @@ class Int4Linear(nn.Module):
         hi = self.out_features if hi is None else min(hi, self.out_features)
         k, g = self.in_features, self.group_size
         b = _cpu_int4_block()
-        w = out if out is not None else torch.empty(hi - lo, k)
+        w = out if out is not None else torch.empty(hi - lo, k, device=self.qweight.device)
         _unpack_int4(self.qweight.reshape(-1, k, b // 2)[lo // b : hi // b], out=w)
         s, z = self.scales_and_zeros[:, lo:hi].float().unbind(-1)  # (groups, rows)
         # (q - 8) * s + z == q * s + (z - 8 s): two passes over the block instead of three

@@ -1,0 +1,106 @@
+"""Train the pocket model's vision path alone against the fact probe: a quick signal for recipe changes.
+
+    python -m phi3v.pocket.tower [--steps 300] [--lr 1e-3] [--vision-lr 3] [--patch-lr-scale S]
+
+The full training (phi3v.pocket.train) needs hundreds of steps before its answers depend on the images,
+so short runs of it cannot tell two vision recipes apart. This trains only what the fact loss reaches
+(tower, separators, projector, probe), about 1.3 s a step for 20 images on 2 cores, and prints the
+held-out fact loss per task every 50 steps: lower is a tower that shows more of what the images hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from phi3v.image_processor import num_image_tokens, preprocess
+from phi3v.model import Phi3VForCausalLM
+from phi3v.pocket.data import FACTS, TASKS, questions
+from phi3v.pocket.evaluate import HELD_OUT_SEED
+from phi3v.pocket.train import NUM_CROPS, fact_targets, init_weights, lr_at, pocket_config
+
+
+def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, list[int], Tensor, list[str]]:
+    """n scenes cycling through TASKS -> pixels, image sizes, tokens per image, fact targets, task per image."""
+    images, facts, tasks = [], [], []
+    for i in range(n):
+        ex = questions(TASKS[i % len(TASKS)], rng)[0]
+        images += ex.images
+        facts += ex.facts
+        tasks += [ex.task] * len(ex.images)
+    inputs = preprocess(images, NUM_CROPS, side=side)
+    counts = [num_image_tokens(int(h), int(w), side) for h, w in inputs.image_sizes.tolist()]
+    return inputs.pixel_values, inputs.image_sizes, counts, fact_targets(facts), tasks
+
+
+def fact_losses(model: Phi3VForCausalLM, probe: nn.Linear, batch) -> Tensor:
+    """Each image's summed fact loss, as in the full training (the probe on its mean projected token)."""
+    pixels, sizes, counts, targets, _ = batch
+    feats = model.encode_images(pixels, sizes)
+    pooled = torch.stack([f.mean(0) for f in feats.split(counts)])
+    return F.binary_cross_entropy_with_logits(probe(pooled), targets, reduction="none").sum(1)
+
+
+def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, images: int, held_out: int,
+        every: int = 50, seed: int = 0) -> list[dict[str, float]]:  # fmt: skip
+    """Train for `steps`; every `every` steps the mean held-out fact loss per task. Returns those reports."""
+    torch.manual_seed(seed)
+    model = Phi3VForCausalLM(pocket_config(640, 0))
+    init_weights(model, seed)
+    side = model.config.vision.tokens_per_side
+    vision = model.model.vision_embed_tokens
+    probe = nn.Linear(model.config.text.hidden_size, len(FACTS))
+    groups = []
+    for name, p in [*vision.named_parameters(), *probe.named_parameters(prefix="probe")]:
+        rate = lr * vision_lr
+        if "patch_embedding" in name:
+            rate *= patch_lr_scale if patch_lr_scale is not None else p.shape[0] / p[0].numel()
+        groups.append({"params": [p], "lr": rate, "base_lr": rate, "weight_decay": 0.01 if p.dim() >= 2 else 0.0})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    held = [image_batch(random.Random(HELD_OUT_SEED + i), images, side) for i in range(-(-held_out // images))]
+    rng, t0, reports = random.Random(seed), time.perf_counter(), []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, g["base_lr"], warmup=min(50, steps))
+        loss = fact_losses(model, probe, image_batch(rng, images, side)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            report = {"step": step + 1, "seconds": round(time.perf_counter() - t0, 1), "train": round(loss.item(), 3)}
+            report |= held_out_losses(model, probe, held)
+            print(" ".join(f"{k} {v}" for k, v in report.items()), flush=True)
+            reports.append(report)
+    return reports
+
+
+@torch.no_grad()
+def held_out_losses(model: Phi3VForCausalLM, probe: nn.Linear, held: list) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for batch in held:
+        for task, loss in zip(batch[4], fact_losses(model, probe, batch).tolist()):
+            totals.setdefault(task, []).append(loss)
+    return {task: round(sum(v) / len(v), 3) for task, v in totals.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr (the full training's VISION_LR)")
+    ap.add_argument("--patch-lr-scale", type=float, default=None,
+                    help="the patch embedding's rate multiple (default: hidden / fan-in, as in training)")  # fmt: skip
+    ap.add_argument("--images", type=int, default=20, help="scenes per step")
+    ap.add_argument("--held-out", type=int, default=100, help="held-out scenes scored")
+    a = ap.parse_args()
+    run(a.steps, a.lr, a.vision_lr, a.patch_lr_scale, a.images, a.held_out)
+
+
+if __name__ == "__main__":
+    main()
