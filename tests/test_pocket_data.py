@@ -116,8 +116,7 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
 
     from phi3v.model import Phi3VForCausalLM
     from phi3v.pocket.train import (
-        IGNORE, VISION_LR, build_tokenizer, collate, conversation, init_weights, param_groups, pocket_config,
-        train_step,
+        IGNORE, build_tokenizer, collate, conversation, init_weights, param_groups, pocket_config, train_step,
     )  # fmt: skip
 
     torch.manual_seed(0)
@@ -138,13 +137,6 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     weight = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight
     patch = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
     assert patch["lr"] < 3e-3 / 10  # the 5292-input patch embedding learns at a scaled-down rate
-
-    def rate(p):
-        return next(g["lr"] for g in opt.param_groups if any(q is p for q in g["params"]))
-
-    vision = model.model.vision_embed_tokens
-    assert rate(vision.img_projection[0].weight) == rate(vision.sub_GN) == 3e-3 * VISION_LR  # the vision path
-    assert rate(model.model.layers[0].mlp.down_proj.weight) == rate(model.lm_head.weight) == 3e-3
     history = []
     for _ in range(15):
         opt.zero_grad()
@@ -155,7 +147,7 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
 
 
 def test_vision_only_signal_trains_the_tower_and_reports_each_task():
-    """phi3v.pocket.tower (the quick signal behind VISION_LR) trains the vision path against the facts and
+    """phi3v.pocket.tower (a quick signal for vision recipes) trains the vision path against the facts and
     scores every task on held-out scenes."""
     from phi3v.pocket.tower import run
 

@@ -60,7 +60,8 @@ def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, i
         rate = lr * vision_lr
         if "patch_embedding" in name:
             rate *= patch_lr_scale if patch_lr_scale is not None else p.shape[0] / p[0].numel()
-        groups.append({"params": [p], "lr": rate, "base_lr": rate, "weight_decay": 0.01 if p.dim() >= 2 else 0.0})
+        decay = 0.01 if p.dim() >= 2 and not name.startswith("probe") else 0.0  # as in the full training
+        groups.append({"params": [p], "lr": rate, "base_lr": rate, "weight_decay": decay})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     held = [image_batch(random.Random(HELD_OUT_SEED + i), images, side) for i in range(-(-held_out // images))]
     rng, t0, reports = random.Random(seed), time.perf_counter(), []
@@ -93,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr (the full training's VISION_LR)")
+    ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and probe")
     ap.add_argument("--patch-lr-scale", type=float, default=None,
                     help="the patch embedding's rate multiple (default: hidden / fan-in, as in training)")  # fmt: skip
     ap.add_argument("--images", type=int, default=20, help="scenes per step")

@@ -37,10 +37,6 @@ NUM_CROPS = 4  # a square image becomes a 2x2 grid of tiles plus the global view
 IGNORE = -100
 MAX_TURNS = 6  # questions per training conversation
 AUX_WEIGHT = 0.1  # of the per-image fact loss (a sum over FACTS) against the per-token answer loss
-# The vision path (tower, separators, projector) and the fact probe learn at this multiple of the rate.
-# Trained alone on the facts for 300 steps (20 images a step), the held-out fact loss at 1x / 3x was
-# shapes 10.0 / 8.6, chart 18.3 / 16.6, change 9.8 / 8.4, ocr 16.7 / 16.2 (docs/pocket.md).
-VISION_LR = 3.0
 
 
 def pocket_config(vocab_size: int, pad_token_id: int) -> Phi3VConfig:
@@ -81,8 +77,7 @@ def init_weights(model: nn.Module, seed: int) -> None:
 
 
 def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01) -> list[dict]:
-    """AdamW groups: decay on matrices only; the vision path at VISION_LR times the rate, and within it the
-    patch embedding's rate scaled down by hidden/fan-in.
+    """AdamW groups: decay on matrices only; the patch embedding's rate scaled down by hidden/fan-in.
 
     Adam moves every weight by about `lr` per step, so a layer's output moves by about lr * fan-in when the
     gradient is coherent across its inputs, as it is for a 42x42x3 patch of uniform colour: at full rate
@@ -91,9 +86,9 @@ def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01)
     scaled rate, 100%)."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        rate = lr * VISION_LR if name.startswith("model.vision_embed_tokens.") else lr
+        rate = lr
         if "patch_embedding" in name:
-            rate *= p.shape[0] / p[0].numel()
+            rate = lr * p.shape[0] / p[0].numel()
         groups.setdefault((rate, weight_decay if p.dim() >= 2 else 0.0), []).append(p)
     return [{"params": ps, "lr": rate, "base_lr": rate, "weight_decay": wd} for (rate, wd), ps in groups.items()]
 
@@ -229,7 +224,7 @@ def train(
     side = cfg.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
     probe = nn.Linear(cfg.text.hidden_size, len(FACTS))
-    probe_group = {"params": list(probe.parameters()), "lr": lr * VISION_LR, "base_lr": lr * VISION_LR, "weight_decay": 0.0}
+    probe_group = {"params": list(probe.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0}
     opt = torch.optim.AdamW(param_groups(model, lr) + [probe_group], betas=(0.9, 0.95))
     rng = random.Random(seed)
     t0 = time.perf_counter()
