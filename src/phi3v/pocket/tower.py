@@ -15,14 +15,13 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket.data import FACTS, TASKS, questions
 from phi3v.pocket.evaluate import HELD_OUT_SEED
-from phi3v.pocket.train import NUM_CROPS, fact_targets, init_weights, lr_at, pocket_config
+from phi3v.pocket.train import NUM_CROPS, fact_loss, fact_targets, init_weights, lr_at, pocket_config
 
 
 def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, list[int], Tensor, list[str]]:
@@ -39,11 +38,9 @@ def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, 
 
 
 def fact_losses(model: Phi3VForCausalLM, probe: nn.Linear, batch) -> Tensor:
-    """Each image's summed fact loss, as in the full training (the probe on its mean projected token)."""
+    """Each image's summed fact loss, as in the full training."""
     pixels, sizes, counts, targets, _ = batch
-    feats = model.encode_images(pixels, sizes)
-    pooled = torch.stack([f.mean(0) for f in feats.split(counts)])
-    return F.binary_cross_entropy_with_logits(probe(pooled), targets, reduction="none").sum(1)
+    return fact_loss(probe, model.encode_images(pixels, sizes), counts, targets)
 
 
 def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, images: int, held_out: int,
@@ -83,6 +80,7 @@ def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, i
 
 @torch.no_grad()
 def held_out_losses(model: Phi3VForCausalLM, probe: nn.Linear, held: list) -> dict[str, float]:
+    """The mean fact loss of the held-out scenes, per task."""
     totals: dict[str, list[float]] = {}
     for batch in held:
         for task, loss in zip(batch[4], fact_losses(model, probe, batch).tolist()):

@@ -139,6 +139,13 @@ def collate(tok: Tokenizer, convs: list[list[Example]], side: int) -> dict[str, 
             "image_tokens": counts}  # fmt: skip
 
 
+def fact_loss(probe: nn.Linear, feats: Tensor, counts: list[int], targets: Tensor) -> Tensor:
+    """Each image's fact loss, summed over FACTS: the probe reads the mean of the image's projected tokens
+    (`feats`, `counts` rows per image)."""
+    pooled = torch.stack([f.mean(0) for f in feats.split(counts)])
+    return F.binary_cross_entropy_with_logits(probe(pooled), targets, reduction="none").sum(1)
+
+
 def losses(model: Phi3VForCausalLM, probe: nn.Linear, b: dict) -> tuple[Tensor, Tensor]:
     """Next-token cross-entropy of every answer token, and each image's summed fact loss, both unreduced.
 
@@ -149,8 +156,7 @@ def losses(model: Phi3VForCausalLM, probe: nn.Linear, b: dict) -> tuple[Tensor, 
     the shipped model.
     """
     feats = model.encode_images(b["pixel_values"], b["image_sizes"])
-    pooled = torch.stack([f.mean(0) for f in feats.split(b["image_tokens"])])
-    aux = F.binary_cross_entropy_with_logits(probe(pooled), b["facts"], reduction="none").sum(1)
+    aux = fact_loss(probe, feats, b["image_tokens"], b["facts"])
     x = model.embed(b["ids"], feats)
     B, T = b["ids"].shape
     pos = torch.arange(T).expand(B, T)
