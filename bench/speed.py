@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from phi3v.linear import INT4_GROUP_SIZES
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Describe this image in detail."
 
@@ -227,7 +229,8 @@ def main() -> None:
     ap.add_argument("--no-agreement", action="store_true", help="skip the bf16 reference and the teacher-forced passes")
     ap.add_argument("--baseline-agreement", action="store_true",
                     help="also teacher-force the baselines (shows they compute what phi3v does; one more prefill each)")
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=INT4_GROUP_SIZES[0],
+                    help="int4 inputs per group (default: phi3v's, which fits Phi-3-V's every layer)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/speed.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
