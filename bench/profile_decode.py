@@ -12,6 +12,7 @@ touches the memory-mapped weights), where the matrix products are compute-bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -56,7 +57,8 @@ def profile_prefill(m: phi3v.Phi3V, a: argparse.Namespace) -> None:
     for warm in (True, False):
         batch = Batch(m.model, m.tokenizer)
         req = Request(ids, None, options_from(max_new_tokens=2, ignore_eos=True))
-        with profile(activities=[ProfilerActivity.CPU], enabled=not warm) as prof:
+        prof = None if warm else profile(activities=[ProfilerActivity.CPU])
+        with prof or contextlib.nullcontext():
             t = time.perf_counter()
             batch.add(req)  # prefills
             took = time.perf_counter() - t
