@@ -74,14 +74,16 @@ def test_many_row_products_reuse_one_scratch_buffer_without_aliasing(monkeypatch
         assert torch.equal(q.dequantize(torch.float32, out=torch.empty(256, 128)), q.dequantize(torch.float32))
         q(x)
         assert linear._scratch.buf.data_ptr() == buf
-    # a weight that trains: its float32 copy must outlive the next product, for the backward pass
-    layers[0].weight.requires_grad_(True)
-    xr = x.float().requires_grad_(True)
-    y = layers[0](xr.bfloat16())
-    layers[1](x)
-    y.float().sum().backward()
-    want = layers[0].weight.float().sum(0).expand_as(xr)
-    assert torch.allclose(xr.grad, want, rtol=1e-2, atol=1e-3)
+    # when autograd records the product (a weight that trains, or only activations that do, as with adapters
+    # on a frozen model), the float32 weight must outlive the next product, for the backward pass
+    want = layers[0].weight.float().sum(0).expand(x.shape)
+    for weight_trains in (False, True):
+        layers[0].weight.requires_grad_(weight_trains)
+        xr = x.float().requires_grad_(True)
+        y = layers[0](xr.bfloat16())
+        layers[1](x)
+        y.float().sum().backward()
+        assert torch.allclose(xr.grad, want, rtol=1e-2, atol=1e-3), weight_trains
     # the same for activations that train through a quantized layer (adapters on a quantized model)
     q = quantize_layer(layers[0].weight, None, "int8", CPU)
     xr = x.float().requires_grad_(True)

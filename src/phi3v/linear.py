@@ -65,27 +65,23 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _scratch_float32(shape: tuple[int, int]) -> Tensor:
-    """This thread's float32 CPU scratch memory as a `shape` tensor, valid until the next call.
+def _scratch_float32(shape: tuple[int, int], *inputs: Tensor) -> Tensor:
+    """This thread's float32 CPU scratch memory as a `shape` tensor, valid until the next call; fresh
+    memory instead when autograd records a product of `inputs`, since it keeps the weight for the backward
+    pass (F.linear saves it to compute the input's gradient).
 
     Many-row products on the CPU need a float32 weight per call (converted from bf16, or dequantized).
     Fresh memory for it costs page faults that measured several times the conversion itself (5 s of a
     798-token bf16 prefill of Phi-3-V, and more with the allocator setting of quantized loads), so one
     buffer per thread is kept, grown to the largest weight seen: 200 MB on Phi-3-V.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return torch.empty(shape)
     n = shape[0] * shape[1]
     if _scratch.buf.numel() < n:
         _scratch.buf = torch.empty(0)  # free the old one before allocating the new
         _scratch.buf = torch.empty(n)
     return _scratch.buf[:n].view(shape)
-
-
-def _float32_weight(w: Tensor) -> Tensor:
-    """`w` (bf16, CPU) as float32 for one product, in the scratch buffer; a fresh copy when autograd would
-    keep it for the backward pass."""
-    if torch.is_grad_enabled() and w.requires_grad:
-        return w.float()
-    return _scratch_float32(w.shape).copy_(w)
 
 
 def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
@@ -94,12 +90,11 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
     dt = _gemm_dtype(x)
     x2 = x.reshape(-1, layer.in_features).to(dt)
     bias = None if layer.bias is None else layer.bias.to(dt)
-    # autograd keeps the weight of a product for the backward pass: then each block gets its own memory
-    scratch = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+    cpu = x.device.type == "cpu"
     blocks = []
     for lo in range(0, layer.out_features, DEQUANT_BLOCK):
         hi = min(lo + DEQUANT_BLOCK, layer.out_features)
-        out = _scratch_float32((hi - lo, layer.in_features)) if scratch else None
+        out = _scratch_float32((hi - lo, layer.in_features), x) if cpu else None
         w = layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
         blocks.append(F.linear(x2, w, None if bias is None else bias[lo:hi]))
     return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
@@ -131,7 +126,8 @@ class Linear(nn.Linear):
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
-            return F.linear(x.float(), _float32_weight(w), None if self.bias is None else self.bias.float()).to(x.dtype)
+            w32 = _scratch_float32(w.shape, x, w).copy_(w)
+            return F.linear(x.float(), w32, None if self.bias is None else self.bias.float()).to(x.dtype)
         return super().forward(x)
 
 
