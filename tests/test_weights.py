@@ -36,13 +36,18 @@ def test_tiny_checkpoint_layout(tiny_checkpoint):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_equals_written_weights(tiny_checkpoint, dtype):
-    """Loaded tensors are the stored ones, converted to the requested dtype."""
+    """Loaded tensors are the stored ones, converted to the requested dtype; in a float32 load the token
+    embedding keeps the file's bf16 (only looked-up rows are widened) and the model still computes in float32."""
     model = load_model(tiny_checkpoint, dtype=dtype)
     ref = random_model("tiny", seed=0, dtype=torch.bfloat16)  # write_checkpoint's default seed and dtype
     got = model.state_dict()
     assert set(got) == set(ref.state_dict())
     for k, v in ref.state_dict().items():
-        assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+        want = torch.bfloat16 if k == "model.embed_tokens.weight" else dtype
+        assert got[k].dtype == want and torch.equal(got[k], v.to(want)), k
+    ids = torch.tensor([[1, 5, 7]])
+    assert model.dtype == dtype and model.embed(ids).dtype == dtype
+    assert torch.equal(model.embed(ids), ref.model.embed_tokens(ids).to(dtype))
 
 
 def test_single_file_and_alias(tmp_path, tiny_checkpoint):

@@ -45,7 +45,8 @@ class Phi3VForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The compute dtype. (The token embedding may be stored narrower: see `weights.load_model`.)"""
+        return self.model.norm.weight.dtype
 
     def encode_images(self, pixel_values: Tensor, image_sizes: Tensor) -> Tensor:
         """Projected image tokens of all images, in image order: (sum of T_img, hidden) (spec §4)."""
@@ -65,7 +66,7 @@ class Phi3VForCausalLM(nn.Module):
         if input_ids.numel() and int(input_ids.max()) >= vocab:
             raise Phi3VError(f"input_ids contain id {int(input_ids.max())} >= vocab size {vocab}; check the tokenizer")
         is_image = input_ids < 0
-        x = self.model.embed_tokens(input_ids.clamp_min(0))  # placeholders are never looked up as tokens
+        x = self.model.embed_tokens(input_ids.clamp_min(0)).to(self.dtype)  # placeholders are never looked up
         n_slots, n_rows = int(is_image.sum()), 0 if image_features is None else image_features.shape[0]
         if n_slots != n_rows:
             raise Phi3VError(
