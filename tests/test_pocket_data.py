@@ -146,6 +146,22 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     assert lm < 0.5 * lm0 and aux < 0.5 * aux0, history
 
 
+def test_vision_rate_multiplier_reaches_the_whole_vision_path():
+    """--vision-lr scales every vision parameter, the patch embedding's scaled-down rate included, and
+    nothing of the decoder."""
+    from phi3v.model import Phi3VForCausalLM
+    from phi3v.pocket.train import param_groups, pocket_config
+
+    model = Phi3VForCausalLM(pocket_config(640, 0))
+    rate = {id(p): g["lr"] for g in param_groups(model, 1e-3, vision_lr=3.0) for p in g["params"]}
+    base = {id(p): g["lr"] for g in param_groups(model, 1e-3) for p in g["params"]}
+    for name, p in model.named_parameters():
+        want = 3.0 if name.startswith("model.vision_embed_tokens.") else 1.0
+        assert rate[id(p)] == pytest.approx(want * base[id(p)]), name
+    patch = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight
+    assert base[id(patch)] == pytest.approx(1e-3 * 128 / (3 * 42 * 42))
+
+
 def test_vision_only_signal_trains_the_tower_and_reports_each_task():
     """phi3v.pocket.tower (a quick signal for vision recipes) trains the vision path against the facts and
     scores every task on held-out scenes."""

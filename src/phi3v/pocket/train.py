@@ -76,8 +76,9 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01) -> list[dict]:
-    """AdamW groups: decay on matrices only; the patch embedding's rate scaled down by hidden/fan-in.
+def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01, vision_lr: float = 1.0) -> list[dict]:
+    """AdamW groups: decay on matrices only; the vision path (`model.vision_embed_tokens`) at `vision_lr`
+    times the rate; the patch embedding's rate scaled down further by hidden/fan-in.
 
     Adam moves every weight by about `lr` per step, so a layer's output moves by about lr * fan-in when the
     gradient is coherent across its inputs, as it is for a 42x42x3 patch of uniform colour: at full rate
@@ -86,9 +87,9 @@ def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01)
     scaled rate, 100%)."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        rate = lr
+        rate = lr * vision_lr if name.startswith("model.vision_embed_tokens.") else lr
         if "patch_embedding" in name:
-            rate = lr * p.shape[0] / p[0].numel()
+            rate *= p.shape[0] / p[0].numel()
         groups.setdefault((rate, weight_decay if p.dim() >= 2 else 0.0), []).append(p)
     return [{"params": ps, "lr": rate, "base_lr": rate, "weight_decay": wd} for (rate, wd), ps in groups.items()]
 
@@ -214,10 +215,12 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
 
 
 def train(
-    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0
+    out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
+    vision_lr: float = 1.0,
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
-    every `save_every` steps); score `eval_n` held-out examples at the end. Returns pocket.json's content."""
+    every `save_every` steps); score `eval_n` held-out examples at the end. The vision path and the fact
+    probe learn at `vision_lr` times `lr`. Returns pocket.json's content."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -230,14 +233,17 @@ def train(
     side = cfg.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
     probe = nn.Linear(cfg.text.hidden_size, len(FACTS))
-    probe_group = {"params": list(probe.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0}
-    opt = torch.optim.AdamW(param_groups(model, lr) + [probe_group], betas=(0.9, 0.95))
+    probe_lr = lr * vision_lr
+    probe_group = {"params": list(probe.parameters()), "lr": probe_lr, "base_lr": probe_lr, "weight_decay": 0.0}
+    opt = torch.optim.AdamW(param_groups(model, lr, vision_lr=vision_lr) + [probe_group], betas=(0.9, 0.95))
     rng = random.Random(seed)
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"training {params / 1e6:.1f}M params", unit="step")
     smooth = [0.0, 0.0]
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": params,
             "threads": torch.get_num_threads()}  # fmt: skip
+    if vision_lr != 1.0:
+        info["vision_lr"] = vision_lr
     for step in bar:
         convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(batch_size)]
         for g in opt.param_groups:
@@ -270,12 +276,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and fact probe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
                     help="also write the files every N steps (0: only at the end)")  # fmt: skip
     a = ap.parse_args()
-    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every)
+    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr)
     print(json.dumps(info, indent=2))
 
 
