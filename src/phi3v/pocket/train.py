@@ -1,6 +1,6 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--steps 1400] [--out src/phi3v/pocket/weights] [--seed 0]
+    python -m phi3v.pocket.train [--steps 1400] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
 
 Fixed seed, reproducible on the same machine and thread count; progress with loss and ETA on stderr.
 Data is generated on the fly (phi3v.pocket.data), one fresh batch per step: nothing is downloaded and
