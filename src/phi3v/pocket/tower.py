@@ -21,7 +21,7 @@ from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket.data import FACTS, TASKS, questions
 from phi3v.pocket.evaluate import HELD_OUT_SEED
-from phi3v.pocket.train import NUM_CROPS, fact_loss, fact_targets, init_weights, lr_at, pocket_config
+from phi3v.pocket.train import NUM_CROPS, fact_loss, fact_targets, init_weights, lr_at, optimizer, pocket_config
 
 
 def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, list[int], Tensor, list[str]]:
@@ -52,14 +52,7 @@ def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, i
     side = model.config.vision.tokens_per_side
     vision = model.model.vision_embed_tokens
     probe = nn.Linear(model.config.text.hidden_size, len(FACTS))
-    groups = []
-    for name, p in [*vision.named_parameters(), *probe.named_parameters(prefix="probe")]:
-        rate = lr * vision_lr
-        if "patch_embedding" in name:
-            rate *= patch_lr_scale if patch_lr_scale is not None else p.shape[0] / p[0].numel()
-        decay = 0.01 if p.dim() >= 2 and not name.startswith("probe") else 0.0  # as in the full training
-        groups.append({"params": [p], "lr": rate, "base_lr": rate, "weight_decay": decay})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    opt = optimizer(model, probe, lr, vision_lr, patch_lr_scale)  # the decoder gets no gradient: AdamW skips it
     held = [image_batch(random.Random(HELD_OUT_SEED + i), images, side) for i in range(-(-held_out // images))]
     rng, t0, reports = random.Random(seed), time.perf_counter(), []
     for step in range(steps):

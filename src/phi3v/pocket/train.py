@@ -76,9 +76,11 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01, vision_lr: float = 1.0) -> list[dict]:
+def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01, vision_lr: float = 1.0,
+                 patch_lr_scale: float | None = None) -> list[dict]:  # fmt: skip
     """AdamW groups: decay on matrices only; the vision path (`model.vision_embed_tokens`) at `vision_lr`
-    times the rate; the patch embedding's rate scaled down further by hidden/fan-in.
+    times the rate; the patch embedding's rate scaled down further by `patch_lr_scale`, by default
+    hidden/fan-in.
 
     Adam moves every weight by about `lr` per step, so a layer's output moves by about lr * fan-in when the
     gradient is coherent across its inputs, as it is for a 42x42x3 patch of uniform colour: at full rate
@@ -89,9 +91,18 @@ def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01,
     for name, p in model.named_parameters():
         rate = lr * vision_lr if name.startswith("model.vision_embed_tokens.") else lr
         if "patch_embedding" in name:
-            rate *= p.shape[0] / p[0].numel()
+            rate *= patch_lr_scale if patch_lr_scale is not None else p.shape[0] / p[0].numel()
         groups.setdefault((rate, weight_decay if p.dim() >= 2 else 0.0), []).append(p)
     return [{"params": ps, "lr": rate, "base_lr": rate, "weight_decay": wd} for (rate, wd), ps in groups.items()]
+
+
+def optimizer(model: Phi3VForCausalLM, probe: nn.Linear, lr: float, vision_lr: float = 1.0,
+              patch_lr_scale: float | None = None) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW over `param_groups` and the fact probe, which learns at the vision path's rate, without decay."""
+    rate = lr * vision_lr
+    probe_group = {"params": list(probe.parameters()), "lr": rate, "base_lr": rate, "weight_decay": 0.0}
+    groups = param_groups(model, lr, vision_lr=vision_lr, patch_lr_scale=patch_lr_scale)
+    return torch.optim.AdamW(groups + [probe_group], betas=(0.9, 0.95))
 
 
 def encode(tok: Tokenizer, turns: list[Example], side: int) -> tuple[list[int], list[int], Tensor, Tensor]:
@@ -233,9 +244,7 @@ def train(
     side = cfg.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
     probe = nn.Linear(cfg.text.hidden_size, len(FACTS))
-    probe_lr = lr * vision_lr
-    probe_group = {"params": list(probe.parameters()), "lr": probe_lr, "base_lr": probe_lr, "weight_decay": 0.0}
-    opt = torch.optim.AdamW(param_groups(model, lr, vision_lr=vision_lr) + [probe_group], betas=(0.9, 0.95))
+    opt = optimizer(model, probe, lr, vision_lr)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"training {params / 1e6:.1f}M params", unit="step")
