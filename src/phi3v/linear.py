@@ -7,8 +7,10 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
   The vision tower, which only ever sees many rows, stays in MKL's plain layout.
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
-- int8 / int4: PyTorch's weight-only kernels for few rows, fed bfloat16 activations (float32 ones run
-  10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
+- int8 / int4, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernels (cpu_kernels.cpp),
+  1.4-2x faster than PyTorch's on CPUs without AVX512, with float32 activations.
+- int8 / int4, other few-row products: PyTorch's weight-only kernels, fed bfloat16 activations (float32
+  ones run 10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
   GEMM (in float32 where bf16 is emulated, as above), twice as fast as the int kernels there; the
   blocks keep the temporary memory to a few tens of MB instead of several copies of the layer.
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phi3v import cpu_kernels
 from phi3v.errors import Phi3VError
 
 # Up to this many rows a product counts as "decoding" and goes to the few-row kernels.
@@ -140,6 +143,14 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     return model
 
 
+def _own_kernels(x: Tensor, shape_ok: bool):
+    """phi3v's CPU kernels (cpu_kernels.get()) when a product can use them: one row on the CPU, a shape
+    they handle, no gradient to record; else None."""
+    if x.device.type != "cpu" or _rows(x) != 1 or not shape_ok or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return cpu_kernels.get()
+
+
 def _kernel_dtype(x: Tensor) -> torch.dtype:
     """The activation dtype PyTorch's weight-only kernels run fast in on this device."""
     return torch.bfloat16 if x.device.type == "cpu" or x.dtype == torch.float32 else x.dtype
@@ -178,13 +189,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if _rows(x) > FEW_ROWS:
             return _dequantized_product(self, x)
+        x2 = x.reshape(-1, self.in_features)
+        if (own := _own_kernels(x, self.out_features % 4 == 0 and self.in_features % 8 == 0)) is not None:
+            y = own.int8_gemv(x2.float().contiguous(), self.qweight, self.scales)
+            return _finish(self, y, x)
         kd = _kernel_dtype(x)
         key = (kd, self.scales.device)
         if key not in self._kernel_scales:
             self._kernel_scales[key] = self.scales.to(kd)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(kd), self.qweight, self._kernel_scales[key])
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return _finish(self, torch._weight_int8pack_mm(x2.to(kd), self.qweight, self._kernel_scales[key]), x)
 
 
 class Int4Linear(nn.Module):
@@ -246,13 +259,21 @@ class Int4Linear(nn.Module):
         if _rows(x) > FEW_ROWS and x.device.type == "cpu" and _cpu_int4_block() is not None:
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
+        shape_ok = _cpu_int4_block() == 32 and self.out_features % 32 == 0 and self.group_size % 2 == 0
+        if (own := _own_kernels(x, shape_ok)) is not None:
+            y = own.int4_gemv(x2.float().contiguous(), self.qweight, self.scales_and_zeros, self.group_size)
+        elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_and_zeros)  # fmt: skip
         else:
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return _finish(self, y, x)
+
+
+def _finish(layer: Int8Linear | Int4Linear, y: Tensor, x: Tensor) -> Tensor:
+    """A quantized product's (rows, out) result in x's shape and dtype, plus the bias."""
+    y = y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
 
 
 def _pack_int4(q: Tensor) -> Tensor:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from phi3v import cpu_kernels, pocket
 from phi3v.config import Phi3VConfig
-from phi3v import pocket
 from phi3v.errors import Phi3VError
 from phi3v.linear import check_quant_mode, pack_for_cpu, quantize_layer
 from phi3v.model import Phi3VForCausalLM
@@ -253,6 +253,8 @@ def load_model(
     if device.type == "cpu":
         pack_for_cpu(model.model.layers)
         pack_for_cpu(model.lm_head)
+        if quantize is not None:
+            cpu_kernels.get()  # build them now (once per machine) rather than in the first decoding step
     return model
 
 

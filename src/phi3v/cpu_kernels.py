@@ -1,0 +1,74 @@
+"""phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times an int8 or int4 weight, for
+x86-64 CPUs with AVX2 and FMA. They decode 1.4-2x faster than PyTorch's weight-only kernels on CPUs
+without AVX512 (bench/kernels.py, docs/benchmarks.md).
+
+Compiled with PyTorch's extension builder the first time a quantized model is loaded on such a CPU
+(about a minute, needs a C++ compiler; the `ninja` package is a dependency), then loaded from the cache
+(`$PHI3V_CACHE`, else `~/.cache/phi3v`). Without a compiler, or with `PHI3V_NATIVE=0`, phi3v uses
+PyTorch's kernels: same results within float rounding, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+
+
+def _cpu_supports_avx2() -> bool:
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= flags
+
+
+def _build_dir() -> Path:
+    """A cache folder per source, PyTorch and Python version: the built module depends on all three."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("PHI3V_CACHE") or Path.home() / ".cache" / "phi3v")
+    return root / "kernels" / key
+
+
+@functools.cache
+def get() -> ModuleType | None:
+    """The compiled kernels, building them on first use; None where they cannot run or be built (the
+    reason goes to stderr once)."""
+    if os.environ.get("PHI3V_NATIVE", "1") == "0" or not _cpu_supports_avx2():
+        return None
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the pip package's binary, when the venv is not activated
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print("phi3v: compiling the CPU int8/int4 kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(
+            "phi3v_cpu_kernels",
+            [str(SOURCE)],
+            build_directory=str(build),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: at::parallel_for's backend
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as e:  # noqa: BLE001 - any build failure means: fall back to PyTorch's kernels
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"phi3v: could not build the CPU kernels ({reason[:200]}); using PyTorch's slower int8/int4 "
+              "kernels (set PHI3V_NATIVE=0 to skip this attempt)", file=sys.stderr)  # fmt: skip
+        return None

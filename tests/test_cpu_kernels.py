@@ -1,0 +1,95 @@
+"""phi3v's own CPU kernels (src/phi3v/cpu_kernels.cpp): one row times an int8 / int4 weight, against the
+same product computed from the dequantized weight in float32, and the fallbacks when they cannot be used."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phi3v import cpu_kernels, linear
+from phi3v.linear import quantize_layer
+
+CPU = torch.device("cpu")
+own = cpu_kernels.get()
+needs_own = pytest.mark.skipif(own is None, reason="no AVX2 CPU or no C++ compiler: phi3v's kernels are not built")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def layer_and_input(mode, n, k, group=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A different spread per output row and per input block, so that every scale and zero matters.
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * (1 + torch.arange(k) // 32) * 0.01
+    bias = torch.randn(n, generator=g)
+    return quantize_layer(w.bfloat16(), bias, mode, CPU, group), torch.randn(1, k, generator=g) + 0.5, bias
+
+
+@needs_own
+@pytest.mark.parametrize(
+    "mode, n, k, group",
+    [("int8", 4, 8, None), ("int8", 260, 200, None), ("int8", 3072, 8192, None),
+     ("int4", 32, 64, 32), ("int4", 96, 256, 64), ("int4", 256, 384, 128), ("int4", 16384, 3072, 128)],
+)  # fmt: skip
+def test_own_kernels_compute_the_dequantized_product_in_float32(mode, n, k, group):
+    """Float32 all the way: within float summation-order rounding of x @ dequant(W).T (PyTorch's kernels,
+    fed bf16 activations, are ~1e-3 off)."""
+    layer, x, bias = layer_and_input(mode, n, k, group)
+    want = F.linear(x.double(), layer.dequantize(torch.float32).double(), bias.double())
+    raw = (own.int8_gemv(x, layer.qweight, layer.scales) if mode == "int8"
+           else own.int4_gemv(x, layer.qweight, layer.scales_and_zeros, layer.group_size))  # fmt: skip
+    assert raw.shape == (1, n) and rel(raw + bias, want) < 2e-6
+    got = layer(x)  # the layer takes this route for one row
+    assert torch.equal(got, raw + bias)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    assert layer(x.view(1, 1, k)).shape == (1, 1, n)
+
+
+@needs_own
+def test_shapes_the_int8_kernel_does_not_handle_take_pytorchs(monkeypatch):
+    """It needs rows % 4 == 0 and inputs % 8 == 0 (int4 needs rows % 32 == 0, as its layout does)."""
+    monkeypatch.setattr(own, "int8_gemv", None)  # would raise if called
+    layer, x, bias = layer_and_input("int8", 6, 16)
+    assert rel(layer(x), F.linear(x, layer.dequantize(torch.float32), bias)) < 5e-3
+
+
+@needs_own
+def test_only_single_rows_without_gradients_use_them(monkeypatch):
+    calls = []
+    real = own.int8_gemv
+    monkeypatch.setattr(own, "int8_gemv", lambda *a: calls.append(1) or real(*a))
+    layer, x, _ = layer_and_input("int8", 64, 64)
+    layer(x)
+    assert calls == [1]
+    layer(torch.randn(2, 64))
+    layer(x.clone().requires_grad_(True))
+    assert calls == [1]
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("PHI3V_NATIVE", "0")
+    assert cpu_kernels.get.__wrapped__() is None
+
+
+def test_a_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    """No compiler (or any build error): None and one line on stderr, never an exception."""
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension 'phi3v_cpu_kernels'\nc++: command not found")
+
+    monkeypatch.setenv("PHI3V_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(cpu_kernels, "_cpu_supports_avx2", lambda: True)
+    assert cpu_kernels.get.__wrapped__() is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("phi3v: could not build the CPU kernels (c++: command not found)")
+    assert "slower" in err[-1] and "PHI3V_NATIVE=0" in err[-1]
+
+
+def test_no_kernels_leave_the_layers_on_pytorchs(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+    for mode in ("int8", "int4"):
+        layer, x, bias = layer_and_input(mode, 64, 64, 32)
+        assert rel(layer(x), F.linear(x, layer.dequantize(torch.float32), bias)) < 5e-3
+    assert linear._own_kernels(x, True) is None
