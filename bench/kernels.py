@@ -2,13 +2,15 @@
 
     python bench/kernels.py [--n 16384] [--k 3072] [--rows 1 16 787]
 
-The baseline is MKL's float32 `F.linear`, in the same run; each route's time and its ratio to it.
+The baseline is MKL's float32 `F.linear`, in the same run; each route's median time and its ratio to it.
+"PyTorch kernel" rows are the quantized layers with phi3v's own CPU kernels switched off.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -18,12 +20,18 @@ from phi3v import cpu_kernels, linear
 from phi3v.linear import Int4Linear, Int8Linear, Linear
 
 
-def timed(f, reps: int) -> float:
-    f()
-    t = time.perf_counter()
+def median_times(routes: dict, x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Each route's median milliseconds over `reps` rounds, the routes interleaved within a round so that
+    this machine's slow drifts (10-20% between runs) reach all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    for f in routes.values():
+        f(x)  # warm-up: first-call conversions, caches
     for _ in range(reps):
-        f()
-    return (time.perf_counter() - t) / reps * 1e3
+        for name, f in routes.items():
+            t = time.perf_counter()
+            f(x)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def pytorch_kernels(layer):
@@ -50,12 +58,15 @@ def main() -> None:
     packed = Linear(a.k, a.n, bias=False)
     packed.weight.data = w.clone()
     packed.pack()
+    bf16 = Linear(a.k, a.n, bias=False, dtype=torch.bfloat16)
+    bf16.weight.data = w.bfloat16()
     int8 = Int8Linear.quantize(w, None, torch.device("cpu"))
     int4 = {g: Int4Linear.quantize(w, None, torch.device("cpu"), g) for g in (32, 128)}
     routes = {
         "fp32 MKL F.linear": lambda x: F.linear(x, w),
         "fp32 oneDNN packed": packed,
-        "bf16 F.linear": (lambda wb: lambda x: F.linear(x.bfloat16(), wb))(w.bfloat16()),
+        "bf16 F.linear": lambda x: F.linear(x.bfloat16(), bf16.weight),
+        "bf16 (Linear)": lambda x: bf16(x.bfloat16()),
         "int8 PyTorch kernel": pytorch_kernels(int8),
         "int8 (Int8Linear)": int8,
         "int4 g32 PyTorch kernel": pytorch_kernels(int4[32]),
@@ -68,13 +79,11 @@ def main() -> None:
           f"product [{a.n}x{a.k}] float32 activations; {own}")  # fmt: skip
     for rows in a.rows:
         x = torch.randn(rows, a.k)
-        reps = 20 if rows <= 32 else 3
+        reps = 30 if rows <= 32 else 3
         with torch.inference_mode():
-            base = timed(lambda: routes["fp32 MKL F.linear"](x), reps)
-            for name, f in routes.items():
-                ms = timed(lambda: f(x), reps)
-                print(f"rows {rows:4d}  {name:<24} {ms:8.1f} ms  {base / ms:5.2f}x vs MKL fp32")
-
+            ms = median_times(routes, x, reps)
+        for name, t in ms.items():
+            print(f"rows {rows:4d}  {name:<24} {t:8.1f} ms  {ms['fp32 MKL F.linear'] / t:5.2f}x vs MKL fp32")
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,13 @@
-"""phi3v's own CPU kernels (src/phi3v/cpu_kernels.cpp): one row times an int8 / int4 weight, against the
-same product computed from the dequantized weight in float32, and the fallbacks when they cannot be used."""
+"""phi3v's own CPU kernels (src/phi3v/cpu_kernels.cpp): one row times a bf16 / int8 / int4 weight, against
+the same product computed in float64 from the (dequantized) weight, and the fallbacks when they cannot be
+used."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from phi3v import cpu_kernels, linear
-from phi3v.linear import quantize_layer
+from phi3v.linear import Linear, quantize_layer
 
 CPU = torch.device("cpu")
 own = cpu_kernels.get()
@@ -43,6 +44,27 @@ def test_own_kernels_compute_the_dequantized_product_in_float32(mode, n, k, grou
     assert torch.equal(got, raw + bias)
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     assert layer(x.view(1, 1, k)).shape == (1, 1, n)
+
+
+@needs_own
+@pytest.mark.parametrize("n, k", [(4, 8), (260, 200), (16384, 3072)])
+def test_bf16_linear_takes_the_own_kernel_for_one_row(n, k):
+    g = torch.Generator().manual_seed(1)
+    layer = Linear(k, n, dtype=torch.bfloat16)
+    layer.weight.data = torch.randn(n, k, generator=g).bfloat16()
+    layer.bias.data = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(1, k, generator=g).bfloat16()
+    want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    raw = own.bf16_gemv(x.float(), layer.weight)
+    assert raw.shape == (1, n) and rel(raw + layer.bias.float(), want) < 2e-6
+    with torch.inference_mode():
+        got = layer(x.view(1, 1, k))
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, n)
+    assert torch.equal(got.view(1, n), (raw + layer.bias.float()).bfloat16())
+    # a weight that trains keeps PyTorch's differentiable product
+    layer.weight.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None
 
 
 @needs_own

@@ -1,10 +1,10 @@
-// phi3v's CPU kernels for one row of activations (batch-1 decoding) times an int8 or int4 weight, for
+// phi3v's CPU kernels for one row of activations (batch-1 decoding) times a bf16, int8 or int4 weight, for
 // x86-64 CPUs with AVX2 and FMA. Built at first use by phi3v/cpu_kernels.py.
 //
-// Why they exist: on CPUs without AVX512 PyTorch's weight-only kernels (_weight_int8pack_mm,
-// _weight_int4pack_mm_for_cpu) are compute-bound and want bfloat16 activations; these read the same
-// weight layouts, keep the activations in float32 and run 1.4-2x faster (docs/benchmarks.md).
-// Both split the output rows over PyTorch's own thread pool (at::parallel_for).
+// Why they exist: on CPUs without AVX512 PyTorch's kernels for these (bf16 F.linear, _weight_int8pack_mm,
+// _weight_int4pack_mm_for_cpu) are compute-bound, and the int ones want bfloat16 activations; these read
+// the same weight layouts, keep the activations in float32 and run 1.4-2.5x faster (bench/kernels.py).
+// All split the output rows over PyTorch's own thread pool (at::parallel_for).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,10 +18,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 8 int8 (or uint8) codes at p as 8 float32 lanes.
+// 8 int8 codes at p as 8 float32 lanes.
 inline __m256 int8x8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+// 8 bfloat16 at p as 8 float32 lanes: a bfloat16 is the high half of a float32.
+inline __m256 bf16x8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+// 8 uint8 at p as 8 int32 lanes.
 inline __m256i uint8x8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
@@ -34,35 +40,45 @@ void check(const torch::Tensor& x, const torch::Tensor& w) {
 
 }  // namespace
 
-// y[n] = scales[n] * sum_k x[k] q[n, k]: q is (N, K) int8, scales (N,) float32. Needs N % 4 == 0, K % 8 == 0.
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  check(x, q);
-  const int64_t K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && N % 4 == 0 && K % 8 == 0 && scales.scalar_type() == torch::kFloat32);
+// y[n] = scale[n] * sum_k x[k] w[n, k] for a row-major (N, K) weight of bfloat16 (no scale) or int8 codes
+// (a float32 scale per row). Needs N % 4 == 0, K % 8 == 0.
+template <typename T, __m256 (*load8)(const T*)>
+torch::Tensor rowwise_gemv(const torch::Tensor& x, const torch::Tensor& w, const float* scales) {
+  check(x, w);
+  const int64_t K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && N % 4 == 0 && K % 8 == 0, "weight shape not handled");
   auto y = torch::empty({1, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
   // Four weight rows at a time share each load of x.
   at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin * 4; n < end * 4; n += 4) {
-      const int8_t* r = qp + n * K;
+      const T* r = wp + n * K;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < K; k += 8) {
         const __m256 xv = _mm256_loadu_ps(xp + k);
-        a0 = _mm256_fmadd_ps(int8x8(r + k), xv, a0);
-        a1 = _mm256_fmadd_ps(int8x8(r + K + k), xv, a1);
-        a2 = _mm256_fmadd_ps(int8x8(r + 2 * K + k), xv, a2);
-        a3 = _mm256_fmadd_ps(int8x8(r + 3 * K + k), xv, a3);
+        a0 = _mm256_fmadd_ps(load8(r + k), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(r + K + k), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(r + 2 * K + k), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(r + 3 * K + k), xv, a3);
       }
-      yp[n] = hsum(a0) * sp[n];
-      yp[n + 1] = hsum(a1) * sp[n + 1];
-      yp[n + 2] = hsum(a2) * sp[n + 2];
-      yp[n + 3] = hsum(a3) * sp[n + 3];
+      const float sums[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int i = 0; i < 4; i++) yp[n + i] = scales ? sums[i] * scales[n + i] : sums[i];
     }
   });
   return y;
+}
+
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "bfloat16 weight expected");
+  return rowwise_gemv<at::BFloat16, bf16x8>(x, w, nullptr);
+}
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 &&
+              scales.is_contiguous() && scales.numel() == q.size(0), "int8 codes and float32 row scales expected");
+  return rowwise_gemv<int8_t, int8x8>(x, q, scales.data_ptr<float>());
 }
 
 // y[n] = sum_k x[k] w[n, k] with w = (q - 8) * scale + zero per group of `group` inputs.
@@ -124,6 +140,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int6
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_gemv", &bf16_gemv, "one float32 row times a bfloat16 weight");
   m.def("int8_gemv", &int8_gemv, "one float32 row times an int8 weight (per-row scales)");
   m.def("int4_gemv", &int4_gemv, "one float32 row times an int4 weight (PyTorch's AVX2 layout)");
 }

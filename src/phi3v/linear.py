@@ -5,10 +5,11 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
   GEMV (decode end to end: 1.33x); `pack()` converts a decoder layer once after loading. Prompts run
   on the packed weights too: unpacking them per call for MKL's GEMM measured 20% slower end to end.
   The vision tower, which only ever sees many rows, stays in MKL's plain layout.
+- bfloat16, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernel (cpu_kernels.cpp).
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
 - int8 / int4, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernels (cpu_kernels.cpp),
-  1.4-2x faster than PyTorch's on CPUs without AVX512, with float32 activations.
+  2-2.5x faster than PyTorch's on CPUs without AVX512, with float32 activations.
 - int8 / int4, other few-row products: PyTorch's weight-only kernels, fed bfloat16 activations (float32
   ones run 10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
   GEMM (in float32 where bf16 is emulated, as above), twice as fast as the int kernels there; the
@@ -103,6 +104,16 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
     return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+def _own_kernels(x: Tensor, shape_ok: bool, *params: Tensor):
+    """phi3v's CPU kernels (cpu_kernels.get()) when a product of x (and `params`) can use them: one row on
+    the CPU, a shape they handle, no gradient to record; else None."""
+    if x.device.type != "cpu" or _rows(x) != 1 or not shape_ok:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+        return None
+    return cpu_kernels.get()
+
+
 class Linear(nn.Linear):
     """nn.Linear, with faster routes on the CPU (see the module docstring). Same math; only the
     summation order may differ."""
@@ -128,6 +139,9 @@ class Linear(nn.Linear):
             y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).float().to_mkldnn(), w).to_dense()
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
+        if w.dtype == torch.bfloat16 and (own := _own_kernels(x, w.shape[0] % 4 == 0 and w.shape[1] % 8 == 0, w)):
+            y = own.bf16_gemv(x.reshape(1, -1).float().contiguous(), w).reshape(*x.shape[:-1], -1)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
             w32 = _scratch_float32(w.shape, x, w).copy_(w)
             return F.linear(x.float(), w32, None if self.bias is None else self.bias.float()).to(x.dtype)
@@ -141,14 +155,6 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         if isinstance(m, Linear):
             m.pack()
     return model
-
-
-def _own_kernels(x: Tensor, shape_ok: bool):
-    """phi3v's CPU kernels (cpu_kernels.get()) when a product can use them: one row on the CPU, a shape
-    they handle, no gradient to record; else None."""
-    if x.device.type != "cpu" or _rows(x) != 1 or not shape_ok or (torch.is_grad_enabled() and x.requires_grad):
-        return None
-    return cpu_kernels.get()
 
 
 def _kernel_dtype(x: Tensor) -> torch.dtype:
