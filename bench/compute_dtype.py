@@ -4,8 +4,9 @@ instructions) against bfloat16, same weights, same image.
     python bench/compute_dtype.py --checkpoint /tmp/phi3v-full [--quantize int4] [--new-tokens 48]
 
 Each dtype is one run of bench/speed.py's phi3v child (a fresh process: its peak RSS is its own), with
-float32, the baseline, first. The weight-only kernels take bf16 activations either way; the compute
-dtype decides the KV cache, the embedding, attention and norms.
+float32, the baseline, first. The compute dtype decides the KV cache, the embedding, attention and
+norms; the quantized products take float32 activations in phi3v's own CPU kernels and bf16 ones in
+PyTorch's, whatever it is.
 """
 
 from __future__ import annotations

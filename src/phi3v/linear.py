@@ -5,11 +5,11 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
   GEMV (decode end to end: 1.33x); `pack()` converts a decoder layer once after loading. Prompts run
   on the packed weights too: unpacking them per call for MKL's GEMM measured 20% slower end to end.
   The vision tower, which only ever sees many rows, stays in MKL's plain layout.
-- bfloat16, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernel (cpu_kernels.cpp).
+- bfloat16, int8 and int4, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernels
+  (cpu_kernels.cpp), with float32 activations: 1.2-1.35x (bf16), 1.4x (int8) and 2x (int4) faster
+  than PyTorch's on this AVX2 CPU.
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
-- int8 / int4, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernels (cpu_kernels.cpp),
-  2-2.5x faster than PyTorch's on CPUs without AVX512, with float32 activations.
 - int8 / int4, other few-row products: PyTorch's weight-only kernels, fed bfloat16 activations (float32
   ones run 10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
   GEMM (in float32 where bf16 is emulated, as above), twice as fast as the int kernels there; the
