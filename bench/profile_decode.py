@@ -23,7 +23,8 @@ from phi3v.api import options_from
 from phi3v.generate import Batch, Request
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm", "aten::mkldnn_linear",
-           "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm")  # fmt: skip
+           "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm",
+           "phi3v::bf16_gemv", "phi3v::int8_gemv", "phi3v::int4_gemv")  # fmt: skip
 
 
 def main() -> None:
