@@ -1,8 +1,8 @@
-"""phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times an int8 or int4 weight, for
-x86-64 CPUs with AVX2 and FMA. They decode 1.4-2x faster than PyTorch's weight-only kernels on CPUs
-without AVX512 (bench/kernels.py, docs/benchmarks.md).
+"""phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times a bf16, int8 or int4 weight, for
+x86-64 CPUs with AVX2 and FMA. They decode 1.2-2x faster than PyTorch's kernels on CPUs without AVX512
+(bench/kernels.py, docs/benchmarks.md).
 
-Compiled with PyTorch's extension builder the first time a quantized model is loaded on such a CPU
+Compiled with PyTorch's extension builder the first time a bf16 or quantized model is loaded on such a CPU
 (about a minute, needs a C++ compiler; the `ninja` package is a dependency), then loaded from the cache
 (`$PHI3V_CACHE`, else `~/.cache/phi3v`). Without a compiler, or with `PHI3V_NATIVE=0`, phi3v uses
 PyTorch's kernels: same results within float rounding, slower.
@@ -23,14 +23,19 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
-def _cpu_supports_avx2() -> bool:
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        return False
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where it cannot be read (not Linux)."""
     try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= flags
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return None
+
+
+def _cpu_supports_avx2() -> bool:
+    flags = cpu_flags()
+    return os.uname().machine in ("x86_64", "AMD64") and flags is not None and {"avx2", "fma"} <= flags
 
 
 def _build_dir() -> Path:
@@ -58,7 +63,7 @@ def get() -> ModuleType | None:
     build = _build_dir()
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
-        print("phi3v: compiling the CPU int8/int4 kernels (once, about a minute)...", file=sys.stderr, flush=True)
+        print("phi3v: compiling the CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(
             "phi3v_cpu_kernels",
@@ -69,6 +74,6 @@ def get() -> ModuleType | None:
         )
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to PyTorch's kernels
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"phi3v: could not build the CPU kernels ({reason[:200]}); using PyTorch's slower int8/int4 "
+        print(f"phi3v: could not build the CPU kernels ({reason[:200]}); using PyTorch's slower "
               "kernels (set PHI3V_NATIVE=0 to skip this attempt)", file=sys.stderr)  # fmt: skip
         return None

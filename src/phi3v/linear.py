@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +43,8 @@ INT4_GROUP_SIZES = (128, 64, 32)
 def cpu_has_fast_bf16() -> bool:
     """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX); without them PyTorch's
     bfloat16 matmul is emulated and several times slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_kernels.cpu_flags()
+    if flags is None:
         return True  # not Linux: assume a modern CPU
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
@@ -69,6 +67,11 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def _records_grad(*inputs: Tensor) -> bool:
+    """Whether autograd records a product of `inputs` (it then keeps them for the backward pass)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def _scratch_float32(shape: tuple[int, int], *inputs: Tensor) -> Tensor:
     """This thread's float32 CPU scratch memory as a `shape` tensor, valid until the next call; fresh
     memory instead when autograd records a product of `inputs`, since it keeps the weight for the backward
@@ -79,7 +82,7 @@ def _scratch_float32(shape: tuple[int, int], *inputs: Tensor) -> Tensor:
     798-token bf16 prefill of Phi-3-V, and more with the allocator setting of quantized loads), so one
     buffer per thread is kept, grown to the largest weight seen: 200 MB on Phi-3-V.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if _records_grad(*inputs):
         return torch.empty(shape)
     n = shape[0] * shape[1]
     if _scratch.buf.numel() < n:
@@ -107,9 +110,7 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
 def _own_kernels(x: Tensor, shape_ok: bool, *params: Tensor):
     """phi3v's CPU kernels (cpu_kernels.get()) when a product of x (and `params`) can use them: one row on
     the CPU, a shape they handle, no gradient to record; else None."""
-    if x.device.type != "cpu" or _rows(x) != 1 or not shape_ok:
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+    if x.device.type != "cpu" or _rows(x) != 1 or not shape_ok or _records_grad(x, *params):
         return None
     return cpu_kernels.get()
 
