@@ -1,6 +1,9 @@
 """phi3v's own CPU kernels (src/phi3v/cpu_kernels.cpp): one row times a bf16 / int8 / int4 weight, against
-the same product computed in float64 from the (dequantized) weight, and the fallbacks when they cannot be
-used."""
+the same math in float64 from the (dequantized) weight and, for int8 and int4, the int8-quantized row; and
+the fallbacks when they cannot be used."""
+
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +21,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def q8(x):
+    """The int8 kernels' view of a float32 row: symmetric int8 codes per block of 32, scale max|x| / 127."""
+    blocks = x.float().reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv).clamp(-127, 127) * d).reshape(x.shape)
+
+
 def layer_and_input(mode, n, k, group=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     # A different spread per output row and per input block, so that every scale and zero matters.
@@ -27,19 +38,37 @@ def layer_and_input(mode, n, k, group=None, seed=0):
 
 
 @needs_own
+def test_rows_are_quantized_to_int8_in_blocks_of_32():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 256, generator=g) * (1 + torch.arange(256) // 32)  # a different range per block
+    x[0, 64:96] = 0  # an all-zero block has scale 0
+    got = own.quantize_row(x).reshape(1, 256)
+    assert torch.allclose(got, q8(x), rtol=0, atol=1e-6)
+    assert 0 < rel(got, x) < 0.01
+
+
+@needs_own
 @pytest.mark.parametrize(
     "mode, n, k, group",
-    [("int8", 4, 8, None), ("int8", 260, 200, None), ("int8", 3072, 8192, None),
+    [("int8", 4, 32, None), ("int8", 260, 224, None), ("int8", 3072, 8192, None),
      ("int4", 32, 64, 32), ("int4", 96, 256, 64), ("int4", 256, 384, 128), ("int4", 16384, 3072, 128)],
 )  # fmt: skip
-def test_own_kernels_compute_the_dequantized_product_in_float32(mode, n, k, group):
-    """Float32 all the way: within float summation-order rounding of x @ dequant(W).T (PyTorch's kernels,
-    fed bf16 activations, are ~1e-3 off)."""
+def test_own_kernels_compute_the_dequantized_product_of_the_int8_row(mode, n, k, group):
+    """int8: x8 @ dequant(W).T with x8 = q8(x); int4: the same plus each group's zero times the sum of x
+    (in float32) minus the sum of x8. Within float rounding of that math in float64, and within the
+    quantization of x (0.5%) of the float product."""
     layer, x, bias = layer_and_input(mode, n, k, group)
-    want = F.linear(x.double(), layer.dequantize(torch.float32).double(), bias.double())
+    w = layer.dequantize(torch.float32).double()
+    x8 = q8(x).double()
+    want = F.linear(x8, w, bias.double())
+    if mode == "int4":
+        zeros = layer.scales_and_zeros[..., 1].double()  # (groups, n)
+        dx = (x.double() - x8).reshape(-1, group).sum(-1)  # (groups,)
+        want = want + dx @ zeros
     raw = (own.int8_gemv(x, layer.qweight, layer.scales) if mode == "int8"
            else own.int4_gemv(x, layer.qweight, layer.scales_and_zeros, layer.group_size))  # fmt: skip
     assert raw.shape == (1, n) and rel(raw + bias, want) < 2e-6
+    assert rel(raw + bias, F.linear(x.double(), w, bias.double())) < 1e-2
     got = layer(x)  # the layer takes this route for one row
     assert torch.equal(got, raw + bias)
     assert layer(x.bfloat16()).dtype == torch.bfloat16
@@ -47,7 +76,7 @@ def test_own_kernels_compute_the_dequantized_product_in_float32(mode, n, k, grou
 
 
 @needs_own
-@pytest.mark.parametrize("n, k", [(4, 8), (260, 200), (16384, 3072)])
+@pytest.mark.parametrize("n, k", [(4, 16), (260, 208), (16384, 3072)])
 def test_bf16_linear_takes_the_own_kernel_for_one_row(n, k):
     g = torch.Generator().manual_seed(1)
     layer = Linear(k, n, dtype=torch.bfloat16)
@@ -69,7 +98,7 @@ def test_bf16_linear_takes_the_own_kernel_for_one_row(n, k):
 
 @needs_own
 def test_shapes_the_int8_kernel_does_not_handle_take_pytorchs(monkeypatch):
-    """It needs rows % 4 == 0 and inputs % 8 == 0 (int4 needs rows % 32 == 0, as its layout does)."""
+    """It needs rows % 4 == 0 and inputs % 32 == 0 (int4 needs rows % 32 == 0, as its layout does)."""
     monkeypatch.setattr(own, "int8_gemv", None)  # would raise if called
     layer, x, bias = layer_and_input("int8", 6, 16)
     assert rel(layer(x), F.linear(x, layer.dequantize(torch.float32), bias)) < 5e-3
@@ -86,6 +115,13 @@ def test_only_single_rows_without_gradients_use_them(monkeypatch):
     layer(torch.randn(2, 64))
     layer(x.clone().requires_grad_(True))
     assert calls == [1]
+
+
+@pytest.mark.skipif(not cpu_kernels._cpu_supports_avx2() or shutil.which("c++") is None
+                    or os.environ.get("PHI3V_NATIVE") == "0", reason="no AVX2 CPU or no C++ compiler")  # fmt: skip
+def test_the_kernels_build_where_they_can():
+    """Where they can run, a build error must fail the suite, not skip the kernel tests above."""
+    assert own is not None
 
 
 def test_switched_off_by_environment(monkeypatch):

@@ -106,8 +106,9 @@ def test_quantized_layers_match_dequantized_math(mode, weight_err):
         want = F.linear(x, deq, b)
         got = layer(x)
         assert got.dtype == x.dtype and got.shape == want.shape
-        # The kernels take bf16 activations on the CPU: about 3 significant digits.
-        assert rel(got, want) < 5e-3, (rows, rel(got, want))
+        # The few-row kernels round the activations on the CPU, to bf16 (PyTorch's) or to int8 in blocks of
+        # 32 (phi3v's, one row): under 1% of the product.
+        assert rel(got, want) < 1e-2, (rows, rel(got, want))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
