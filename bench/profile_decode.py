@@ -31,11 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--mode", default="auto", choices=["auto", "bf16", "int8", "int4"])
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 for --mode bf16, else auto)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prefill", type=int, default=0, help="profile a prompt pass of this many tokens instead")
     a = ap.parse_args()
     quantize = a.mode if a.mode.startswith("int") else None
-    m = phi3v.load(a.checkpoint, device="cpu", dtype="bfloat16" if a.mode == "bf16" else "auto", quantize=quantize)
+    m = phi3v.load(a.checkpoint, device="cpu", dtype=a.dtype or ("bfloat16" if a.mode == "bf16" else "auto"), quantize=quantize)
     if a.prefill:
         return profile_prefill(m, a)
     ids = torch.tensor(m.tokenizer.encode("Describe a sunny day at the beach in detail."))
