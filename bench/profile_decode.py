@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="profile a prompt pass of this many tokens instead")
     a = ap.parse_args()
     quantize = a.mode if a.mode.startswith("int") else None
-    m = phi3v.load(a.checkpoint, device="cpu", dtype=a.dtype or ("bfloat16" if a.mode == "bf16" else "auto"), quantize=quantize)
+    dtype = a.dtype or ("bfloat16" if a.mode == "bf16" else "auto")
+    m = phi3v.load(a.checkpoint, device="cpu", dtype=dtype, quantize=quantize)
     if a.prefill:
         return profile_prefill(m, a)
     ids = torch.tensor(m.tokenizer.encode("Describe a sunny day at the beach in detail."))

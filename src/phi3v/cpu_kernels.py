@@ -1,11 +1,12 @@
 """phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times a bf16, int8 or int4 weight, for
-x86-64 CPUs with AVX2 and FMA. They decode 1.2-2x faster than PyTorch's kernels on CPUs without AVX512
-(bench/kernels.py, docs/benchmarks.md).
+x86-64 CPUs with AVX2 and FMA. They decode 1.2-2.5x faster than PyTorch's kernels on CPUs without AVX512
+(bench/kernels.py, docs/benchmarks.md); the int8 and int4 ones round the activations to int8 in blocks of
+32, where PyTorch's round them to bfloat16.
 
 Compiled with PyTorch's extension builder the first time a bf16 or quantized model is loaded on such a CPU
 (about a minute, needs a C++ compiler; the `ninja` package is a dependency), then loaded from the cache
 (`$PHI3V_CACHE`, else `~/.cache/phi3v`). Without a compiler, or with `PHI3V_NATIVE=0`, phi3v uses
-PyTorch's kernels: same results within float rounding, slower.
+PyTorch's kernels: slower, and the same results within that rounding.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
   on the packed weights too: unpacking them per call for MKL's GEMM measured 20% slower end to end.
   The vision tower, which only ever sees many rows, stays in MKL's plain layout.
 - bfloat16, int8 and int4, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernels
-  (cpu_kernels.cpp): 1.3x (bf16), 1.6x (int8) and 2.3x (int4) faster than PyTorch's on this AVX2 CPU.
+  (cpu_kernels.cpp): 1.2-1.6x (bf16), 1.4-1.5x (int8) and 2.2-2.5x (int4) faster than PyTorch's on this
+  AVX2 CPU.
   The bf16 one keeps float32 activations; the int8 and int4 ones quantize them to int8 in blocks of 32
   (0.5% relative error per product, against the weights' own 1% and 10%).
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
