@@ -5,8 +5,8 @@ instructions) against bfloat16, same weights, same image.
 
 Each dtype is one run of bench/speed.py's phi3v child (a fresh process: its peak RSS is its own), with
 float32, the baseline, first. The compute dtype decides the KV cache, the embedding, attention and
-norms; the quantized products take float32 activations in phi3v's own CPU kernels and bf16 ones in
-PyTorch's, whatever it is.
+norms; whatever it is, phi3v's own CPU kernels round the quantized products' activations to int8 and
+PyTorch's to bf16.
 """
 
 from __future__ import annotations

@@ -85,5 +85,6 @@ def main() -> None:
         for name, t in ms.items():
             print(f"rows {rows:4d}  {name:<24} {t:8.1f} ms  {ms['fp32 MKL F.linear'] / t:5.2f}x vs MKL fp32")
 
+
 if __name__ == "__main__":
     main()
