@@ -56,7 +56,8 @@ def child_phi3v(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     m = phi3v.load(a.checkpoint, device=a.device, dtype=dtype, quantize=quantize, group_size=a.group_size,
                    feature_cache_bytes=0)  # fmt: skip
-    out = {"load_s": time.perf_counter() - t0, "dtype": str(m.model.dtype).removeprefix("torch.")}
+    out = {"load_s": time.perf_counter() - t0, "dtype": str(m.model.dtype).removeprefix("torch."),
+           "kv_dtype": str(m.model.cache_dtype).removeprefix("torch.")}
     img = load_image(a.image)
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -85,16 +86,20 @@ def child_phi3v(a: argparse.Namespace) -> dict:
 
 
 def teacher_forced(model, x, n: int):
-    """Logits for the last n positions of one full causal pass over embeddings x (1, T, hidden)."""
+    """Logits for the last n positions of one full causal pass over embeddings x (1, T, hidden), its keys
+    and values stored in and read back from a KV cache of the model's cache dtype, as in generation."""
     import torch
 
+    from phi3v.kv_cache import KVCache
     from phi3v.language import AttentionInputs
     from phi3v.rope import cos_sin
 
-    T = x.shape[1]
+    T, t = x.shape[1], model.config.text
     pos = torch.arange(T)[None]
-    cos, sin = cos_sin(model.config.text, pos, x.dtype, pos.amax(dim=1) + 1)
-    h = model.decode_layers(x, AttentionInputs(cos, sin, None, pos))
+    cos, sin = cos_sin(t, pos, x.dtype, pos.amax(dim=1) + 1)
+    cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, model.cache_dtype, model.device)
+    cache.reserve(1, T)
+    h = model.decode_layers(x, AttentionInputs(cos, sin, None, pos, cache, slice(0, 1), T))
     return model.logits(h[:, T - n - 1 : T - 1])[0]
 
 
@@ -303,7 +308,8 @@ def run_all(a: argparse.Namespace) -> None:
 
 
 def fmt(r: dict) -> str:
-    return (f"{r['impl']:<12} {r['mode']:<10} crops={r['num_crops']:<3} {r['dtype']:<8} load {r['load_s']:6.1f}s "
+    return (f"{r['impl']:<12} {r['mode']:<10} crops={r['num_crops']:<3} {r['dtype']:<8} "
+            f"kv {r.get('kv_dtype', r['dtype']):<8} load {r['load_s']:6.1f}s "
             f"rss {r['peak_rss'] / 2**30:5.2f}GiB img {r['image_ms']:6.0f}ms vision {r['vision_s']:6.1f}s "
             f"prefill {r['prompt_tokens'] / r['prefill_s']:6.1f}tok/s ttft {r['ttft_s']:6.1f}s "
             f"decode {r['decode_tok_s']:5.2f}tok/s ({100 * r['bw_fraction']:3.0f}% of bw) "
@@ -318,12 +324,13 @@ def agreement(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """A markdown table for docs/benchmarks.md."""
-    head = ("| impl | mode | crops | compute dtype | load s | peak RSS GiB | image ms | vision s | prefill tok/s | "
+    head = ("| impl | mode | crops | compute dtype | KV cache | load s | peak RSS GiB | image ms | vision s | prefill tok/s | "
             "TTFT s | decode tok/s | % of bandwidth limit | top-1 vs bf16 | logits rel. err |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['impl']} | {r['mode']} | {r['num_crops']} | {r['dtype']} | {r['load_s']:.1f} | "
+            f"| {r['impl']} | {r['mode']} | {r['num_crops']} | {r['dtype']} | {r.get('kv_dtype', r['dtype'])} | "
+            f"{r['load_s']:.1f} | "
             f"{r['peak_rss'] / 2**30:.2f} | {r['image_ms']:.0f} | {r['vision_s']:.1f} | "
             f"{r['prompt_tokens'] / r['prefill_s']:.1f} | {r['ttft_s']:.1f} | {r['decode_tok_s']:.2f} | "
             f"{100 * r['bw_fraction']:.0f}% | {agreement(r) if 'top1_vs_bf16' in r else '- | -'} |"

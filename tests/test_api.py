@@ -126,6 +126,23 @@ def test_auto_dtype(monkeypatch):
     assert api.pick_dtype("fp16", cpu) == torch.float16
 
 
+def test_kv_dtype(tiny_checkpoint):
+    """auto: a bf16 cache for quantized models computing in float32 on the CPU, else the compute dtype."""
+    import torch
+
+    import phi3v.api as api
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert api.pick_kv_dtype("auto", torch.float32, cpu, "int4") == torch.bfloat16
+    assert api.pick_kv_dtype(None, torch.float32, cpu, "int8") == torch.bfloat16
+    assert api.pick_kv_dtype("auto", torch.float32, cpu, None) == torch.float32
+    assert api.pick_kv_dtype("auto", torch.bfloat16, cpu, "int4") == torch.bfloat16
+    assert api.pick_kv_dtype("auto", torch.float16, cuda, "int4") == torch.float16
+    assert api.pick_kv_dtype("float32", torch.float32, cpu, "int4") == torch.float32
+    assert phi3v.load(tiny_checkpoint, device="cpu", dtype="float32", quantize="int8").model.cache_dtype == torch.bfloat16
+    one_line_error(lambda: phi3v.load(tiny_checkpoint, device="cpu", kv_dtype="int8"), "kv_dtype")
+
+
 def test_data_uri_and_image_url_parts(tiny):
     """OpenAI-style image_url parts work from Python too (data: URIs here; http(s) is fetched likewise)."""
     import base64

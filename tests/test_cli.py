@@ -245,6 +245,10 @@ def test_quantize_flag(tiny_checkpoint, tmp_path):
     assert json.loads(r.stdout)["completion_tokens"] >= 1
     r = phi3v("ask", img, "-p", "Colour?", "--quantize", "int3", model=tiny_checkpoint)
     assert r.returncode == 2 and "'int3' is not one of" in r.stderr
+    r = phi3v("ask", img, "-p", "Colour?", "--kv-dtype", "float32", "--max-new-tokens", "2", model=tiny_checkpoint)
+    assert r.returncode == 0, r.stderr
+    r = phi3v("ask", img, "-p", "Colour?", "--kv-dtype", "int8", model=tiny_checkpoint)
+    assert r.returncode == 2 and "'int8' is not one of" in r.stderr
 
 
 def test_make_checkpoint_then_load(tmp_path):

@@ -57,6 +57,8 @@ def test_own_kernels_compute_the_dequantized_product_of_the_int8_row(mode, n, k,
     """int8: x8 @ dequant(W).T with x8 = q8(x); int4: the same plus each group's zero times the sum of x
     (in float32) minus the sum of x8. Within float rounding of that math in float64, and within the
     quantization of x (0.5%) of the float product."""
+    if mode == "int4" and linear._cpu_int4_block() != 32:
+        pytest.skip("PyTorch packs int4 in 64-row blocks here (AVX512); the own kernel reads the AVX2 layout")
     layer, x, bias = layer_and_input(mode, n, k, group)
     w = layer.dequantize(torch.float32).double()
     x8 = q8(x).double()
@@ -151,3 +153,50 @@ def test_no_kernels_leave_the_layers_on_pytorchs(monkeypatch):
         layer, x, bias = layer_and_input(mode, 64, 64, 32)
         assert rel(layer(x), F.linear(x, layer.dequantize(torch.float32), bias)) < 5e-3
     assert linear._own_kernels(x, True) is None
+
+
+def softmax_attention(q, k, v, lengths):
+    """Each row's query heads over its first lengths[b] keys, in float64; key/value head h // (H / Hkv)."""
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        kb = k[b, :, :n].double().repeat_interleave(H // Hkv, dim=0)
+        vb = v[b, :, :n].double().repeat_interleave(H // Hkv, dim=0)
+        scores = (q[b].double()[:, None] @ kb.transpose(1, 2)) / D**0.5  # (H, 1, n)
+        out.append((scores.softmax(-1) @ vb)[:, 0])
+    return torch.stack(out)
+
+
+@needs_own
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, Hkv, D, spread", [(4, 4, 96, 1.0), (6, 2, 40, 1.0), (2, 1, 8, 30.0)])
+def test_decode_attention_is_softmax_attention_over_each_rows_keys(dtype, H, Hkv, D, spread):
+    """Float32 or bf16 cache views (capacity beyond the keys in use, NaN there), grouped heads, an odd
+    number of 8-wide chunks (D=40), lengths off the 8-wide exp blocks, and scores 30x wider than usual
+    (differences past e^-87) all give softmax attention within float32 rounding."""
+    g = torch.Generator().manual_seed(int(D + spread))
+    B, capacity = 3, 48
+    lengths = torch.tensor([1, 13, 45])
+    cache = (torch.randn(2, B, Hkv, capacity, D, generator=g) * 2).to(dtype)
+    for b, n in enumerate(lengths.tolist()):
+        cache[:, b, :, n:] = float("nan")  # what attention must never read
+    k, v = cache[0][:, :, :45], cache[1][:, :, :45]
+    q = torch.randn(B, H, D, generator=g) * spread
+    got = own.decode_attention(q, k, v, lengths, D**-0.5)
+    ref = softmax_attention(q, k, v, lengths)
+    assert got.dtype == torch.float32 and not got.isnan().any()
+    assert (got.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@needs_own
+def test_decode_attention_checks_its_inputs():
+    q, kv = torch.randn(1, 2, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="outside 1..S"):
+        own.decode_attention(q, kv, kv, torch.tensor([0]), 0.25)
+    with pytest.raises(RuntimeError, match="outside 1..S"):
+        own.decode_attention(q, kv, kv, torch.tensor([9]), 0.25)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        strided = torch.randn(1, 2, 16, 8).transpose(2, 3)  # (1, 2, 8, 16), keys not in contiguous rows
+        own.decode_attention(q, strided, strided, torch.tensor([8]), 0.25)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        own.decode_attention(q, kv.half(), kv.half(), torch.tensor([8]), 0.25)

@@ -76,6 +76,60 @@ def test_cached_steps_equal_full_recompute(tiny, monkeypatch):
         assert torch.isneginf(logits[:, v:]).all()
 
 
+@pytest.mark.skipif(phi3v.cpu_kernels.get() is None, reason="phi3v's CPU kernels are not built here")
+def test_decode_attention_kernel_equals_sdpa(tiny, monkeypatch):
+    """Decoding steps read the cache with cpu_kernels.decode_attention; with SDPA instead, the same logits."""
+    import phi3v.language as language
+
+    calls = []
+    kernel = language._decode_kernels
+    monkeypatch.setattr(language, "_decode_kernels", lambda q, k: calls.append(q.shape) or kernel(q, k))
+    seen = record_logits(monkeypatch)
+    reqs = [tiny.request(c, max_new_tokens=6, ignore_eos=True) for c in CONVERSATIONS]
+    list(gen.generate(tiny.model, tiny.tokenizer, reqs))
+    assert calls  # the decoding steps went through the kernel
+    seen = list(seen)  # the spy below wraps this one, which goes on recording
+    monkeypatch.setattr(language, "_decode_kernels", lambda q, k: None)
+    plain = record_logits(monkeypatch)
+    again = [tiny.request(c, max_new_tokens=6, ignore_eos=True) for c in CONVERSATIONS]
+    list(gen.generate(tiny.model, tiny.tokenizer, again))
+    assert [r.tokens for r in again] == [r.tokens for r in reqs]
+    assert len(seen) == len(plain)
+    for a, b in zip(seen, plain):
+        v = tiny.tokenizer.vocab_size
+        assert (a[:, :v] - b[:, :v]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_kv_cache_stays_close_to_float32(tiny_checkpoint, monkeypatch, native):
+    """kv_dtype="bfloat16" keeps a bf16 cache under float32 compute (what quantized models get on the CPU by
+    default); decoding reads it through the kernel or, without it, widened for SDPA. The logits stay
+    within bf16 rounding of a float32 cache's, for the same tokens."""
+    import phi3v.language as language
+
+    if native and phi3v.cpu_kernels.get() is None:
+        pytest.skip("phi3v's CPU kernels are not built here")
+    if not native:
+        monkeypatch.setattr(language, "_decode_kernels", lambda q, k: None)
+    runs = []
+    for kv in ("float32", "bfloat16"):
+        m = phi3v.load(tiny_checkpoint, device="cpu", dtype="float32", kv_dtype=kv)
+        assert m.model.cache_dtype == getattr(torch, kv)
+        seen = record_logits(monkeypatch)
+        r = m.request(CONVERSATIONS[1], max_new_tokens=5, ignore_eos=True)
+        batch = gen.Batch(m.model, m.tokenizer)
+        batch.add(r)
+        while r.finish_reason is None:
+            batch.step()
+        assert batch.cache.k.dtype == getattr(torch, kv)
+        runs.append((r.tokens, torch.cat(seen)))
+    (tokens32, logits32), (tokens16, logits16) = runs
+    assert tokens16 == tokens32
+    v = m.tokenizer.vocab_size  # the padding rows past it are -inf in both
+    err = (logits16[:, :v] - logits32[:, :v]).abs().max() / logits32[:, :v].abs().max()
+    assert 0 < err < 2e-2
+
+
 def _fresh_cache(model, n):
     t = model.config.text
     c = gen.KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, model.dtype, model.device)

@@ -111,6 +111,16 @@ def test_quantized_layers_match_dequantized_math(mode, weight_err):
         assert rel(got, want) < 1e-2, (rows, rel(got, want))
 
 
+def test_int4_with_a_partial_row_block_runs_prompts_too():
+    """96 output rows: a whole number of AVX2 row blocks (32) but not of AVX512 ones (64), which PyTorch
+    lays out differently; prompts then take PyTorch's kernel instead of dequantizing."""
+    w, b = weights(n=96)
+    layer = quantize_layer(w.bfloat16(), b, "int4", CPU, group_size=32)
+    x = torch.randn(linear.FEW_ROWS + 8, 128)
+    want = F.linear(x, w, b)
+    assert rel(layer(x), want) < 0.1 and rel(layer(x[:1]), want[:1]) < 0.1
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_many_rows_dequantize_in_blocks_and_run_in_float32_without_bf16(monkeypatch, mode):
     """Prompts dequantize a block of output rows at a time (bounded temporary memory), and bf16 activations

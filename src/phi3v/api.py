@@ -64,12 +64,27 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device | None = No
             if free is None or 2 * bf16_bytes + (2 << 30) < free:  # float32 weights plus room to run
                 return torch.float32
         return torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise Phi3VError(f"unsupported dtype {dtype!r}; use auto, bfloat16, float16 or float32")
+    return _parse_dtype(dtype, "dtype")
+
+
+def pick_kv_dtype(
+    kv_dtype: str | torch.dtype | None, dtype: torch.dtype, device: torch.device, quantize: str | None
+) -> torch.dtype:
+    """The KV cache's dtype: the requested one, or for "auto"/None bfloat16 where a quantized model computes
+    in float32 on the CPU (half the cache's memory, and half the bytes each decoding step reads; its
+    weights are approximate already), else the compute dtype `dtype`."""
+    if kv_dtype is None or kv_dtype == "auto":
+        return torch.bfloat16 if device.type == "cpu" and quantize and dtype == torch.float32 else dtype
+    return _parse_dtype(kv_dtype, "kv_dtype")
+
+
+def _parse_dtype(value: str | torch.dtype, name: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value in _DTYPES.values():
+            return value
+    elif value in _DTYPES:
+        return _DTYPES[value]
+    raise Phi3VError(f"unsupported {name} {value!r}; use auto, bfloat16, float16 or float32")
 
 
 def options_from(
@@ -202,6 +217,7 @@ def load(
     feature_cache_bytes: int = 512 << 20,
     quantize: str | None = None,
     group_size: int | None = None,
+    kv_dtype: str | torch.dtype | None = None,
 ) -> Phi3V:
     """Load a checkpoint folder, or a hub id from the local Hugging Face cache, onto a device.
 
@@ -210,12 +226,14 @@ def load(
     feature_cache_bytes: memory for the features of recently seen images (0 turns the cache off).
     quantize: None, "int8" or "int4" (groups of `group_size` inputs, 128 by default): weight-only
     quantization of the linear layers while loading; about 2x / 3.5x less memory and faster decoding
-    (docs/benchmarks.md).
+    (docs/benchmarks.md). kv_dtype: the KV cache's dtype, "auto" (see `pick_kv_dtype`) or as dtype.
     """
     folder = resolve_checkpoint(model)
     dev = pick_device(device)
     quantize = None if quantize in (None, "none") else quantize
     dt = pick_dtype(dtype, dev, checkpoint_bytes(folder) if quantize is None else 0)
+    kv = pick_kv_dtype(kv_dtype, dt, dev, quantize)  # before loading: a bad value costs no time
     tokenizer = Tokenizer.from_dir(folder)
     net = load_model(folder, device=dev, dtype=dt, progress=progress, quantize=quantize, group_size=group_size)
+    net.kv_dtype = None if kv == dt else kv
     return Phi3V(net, tokenizer, num_crops or read_num_crops(folder), feature_cache_bytes)

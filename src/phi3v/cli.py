@@ -24,6 +24,8 @@ from phi3v.errors import Phi3VError
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 QUANTIZE = click.Choice(["none", "int8", "int4"])  # phi3v.linear.QUANT_MODES, importable without torch
 QUANTIZE_HELP = "Weight-only quantization while loading: less memory, faster decoding."
+KV_DTYPE = click.Choice(["auto", "bfloat16", "float16", "float32"])
+KV_DTYPE_HELP = "Dtype of the KV cache. auto: bfloat16 for a quantized model on the CPU, else as --dtype."
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Settings:
     device: str
     dtype: str
     quantize: str
+    kv_dtype: str
     num_crops: int | None
     max_new_tokens: int
     temperature: float
@@ -61,6 +64,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
                      show_default=True, help="auto: bfloat16 on GPUs and bf16-capable CPUs, else float32."),
         click.option("--quantize", type=QUANTIZE, default="none", show_default=True, help=QUANTIZE_HELP),
+        click.option("--kv-dtype", type=KV_DTYPE, default="auto", show_default=True, help=KV_DTYPE_HELP),
         click.option("--num-crops", type=click.IntRange(1, 64),
                      help="Image tiles (16: one detailed image, 4: several); default from the checkpoint."),
         click.option("--max-new-tokens", type=click.IntRange(1, 131072), default=512, show_default=True),
@@ -100,7 +104,7 @@ def load_with_progress(s: Settings) -> Any:
     t0 = time.perf_counter()
     try:
         model = phi3v.load(s.model, device=s.device, dtype=s.dtype, num_crops=s.num_crops, progress=progress,
-                            quantize=s.quantize)
+                            quantize=s.quantize, kv_dtype=s.kv_dtype)
     finally:
         if bar is not None:
             bar.close()
@@ -313,6 +317,7 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto")
 @click.option("--quantize", type=QUANTIZE, default="none", show_default=True, help=QUANTIZE_HELP)
+@click.option("--kv-dtype", type=KV_DTYPE, default="auto", show_default=True, help=KV_DTYPE_HELP)
 @click.option("--num-crops", type=click.IntRange(1, 64), help="Default image tiles (requests may set num_crops).")
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (off by default).")
 @click.option("--allowed-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -327,7 +332,7 @@ def batch(settings: Settings, source: str, prompt: str | None, out: Path, batch_
 @click.option("--max-new-tokens", default=4096, show_default=True, type=click.IntRange(1),
               help="Largest max_tokens a request may ask for.")
 def serve(model: str, host: str, port: int, api_key: str | None, device: str, dtype: str, quantize: str,
-          num_crops: int | None, **limits: Any) -> None:  # fmt: skip
+          kv_dtype: str, num_crops: int | None, **limits: Any) -> None:  # fmt: skip
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) with continuous batching.
 
     Example: phi3v serve --model microsoft/Phi-3.5-vision-instruct --port 8000
@@ -342,7 +347,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, device: str, dt
 
     name = Path(model).name if Path(model).expanduser().is_dir() else model
     cfg = ServerConfig(model_name=name, api_key=api_key, **limits)
-    app = create_app(cfg, lambda: phi3v.load(model, device=device, dtype=dtype, num_crops=num_crops, quantize=quantize))
+    app = create_app(cfg, lambda: phi3v.load(model, device=device, dtype=dtype, num_crops=num_crops, quantize=quantize,
+                                             kv_dtype=kv_dtype))
     click.echo(f"phi3v serving {model} on http://{host}:{port}/v1 (loading in the background; see /health)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -78,3 +78,10 @@ def get() -> ModuleType | None:
         print(f"phi3v: could not build the CPU kernels ({reason[:200]}); using PyTorch's slower "
               "kernels (set PHI3V_NATIVE=0 to skip this attempt)", file=sys.stderr)  # fmt: skip
         return None
+
+
+def run(kernel, *args) -> torch.Tensor:
+    """Call one of the kernels under its name in torch.profiler's traces (calls through pybind are
+    otherwise invisible there; bench/profile_decode.py counts the products among them as matrix products)."""
+    with torch.profiler.record_function(f"phi3v::{kernel.__name__}"):
+        return kernel(*args)

@@ -81,7 +81,7 @@ class Batch:
     def __init__(self, model: Phi3VForCausalLM, tokenizer: Tokenizer):
         t = model.config.text
         self.model, self.tokenizer = model, tokenizer
-        self.cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, model.dtype, model.device)
+        self.cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, model.cache_dtype, model.device)
         self.active: list[Request] = []
 
     def __len__(self) -> int:

@@ -50,8 +50,8 @@ class KVCache:
         """Store k, v (B, H, T, D) at `positions` (B, T) of `rows`; return the rows' first kv_len entries."""
         kc, vc = self.k[layer, rows], self.v[layer, rows]  # views: (B, H, S, D)
         b = torch.arange(kc.shape[0], device=kc.device)[:, None]  # (B, 1)
-        kc[b, :, positions] = k.transpose(1, 2)  # advanced indices first: (B, T, H, D)
-        vc[b, :, positions] = v.transpose(1, 2)
+        kc[b, :, positions] = k.transpose(1, 2).to(kc.dtype)  # advanced indices first: (B, T, H, D)
+        vc[b, :, positions] = v.transpose(1, 2).to(vc.dtype)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
     def move(self, src: int, dst: int, length: int) -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phi3v import cpu_kernels
 from phi3v.config import TextConfig
 from phi3v.kv_cache import KVCache
 from phi3v.linear import Linear
@@ -34,7 +35,8 @@ class AttentionInputs:
 
     cos, sin: (B, 1, T, D) rotary tables. mask: (B, 1, T, S) bool, True = may attend, or None for plain
     causal attention over the call's own tokens. With a cache, keys/values are written at `positions` of
-    `rows` and attention reads the first `kv_len` entries of those rows.
+    `rows` and attention reads the first `kv_len` entries of those rows. kv_lens (B,): for a decoding
+    step (one new token a row), the number of keys each row attends to, which the mask also says.
     """
 
     cos: Tensor
@@ -44,6 +46,7 @@ class AttentionInputs:
     cache: KVCache | None = None
     rows: slice = field(default_factory=lambda: slice(None))
     kv_len: int = 0
+    kv_lens: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -65,11 +68,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
         if a.cache is not None:  # keys are cached after RoPE (spec §3.3)
             k, v = a.cache.write(self.layer_idx, a.rows, a.positions, k, v, a.kv_len)
+            if a.kv_lens is not None and (kernels := _decode_kernels(q, k)) is not None:
+                q1 = q.reshape(B, self.n_heads, self.head_dim).float().contiguous()
+                y = cpu_kernels.run(kernels.decode_attention, q1, k, v, a.kv_lens, self.head_dim**-0.5)
+                return self.o_proj(y.to(x.dtype).view(B, 1, q_size))
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept narrower than the compute dtype
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask, is_causal=a.mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+def _decode_kernels(q: Tensor, k: Tensor):
+    """phi3v's CPU kernels when they can run this decoding step's attention (cpu_kernels.decode_attention:
+    reads a float32 or bfloat16 cache as stored, faster than SDPA); else None."""
+    if q.device.type != "cpu" or q.shape[-1] % 8 or q.shape[-1] > 256 or torch.is_grad_enabled():
+        return None
+    if k.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return cpu_kernels.get()
 
 
 class MLP(nn.Module):

@@ -118,13 +118,6 @@ def _own_kernels(x: Tensor, shape_ok: bool, *params: Tensor):
     return cpu_kernels.get()
 
 
-def _run_own(kernel, *args) -> Tensor:
-    """Call one of phi3v's kernels under its name in torch.profiler's traces (calls through pybind are
-    otherwise invisible there; bench/profile_decode.py counts them as matrix products)."""
-    with torch.profiler.record_function(f"phi3v::{kernel.__name__}"):
-        return kernel(*args)
-
-
 class Linear(nn.Linear):
     """nn.Linear, with faster routes on the CPU (see the module docstring). Same math; only the
     summation order may differ."""
@@ -151,7 +144,7 @@ class Linear(nn.Linear):
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if w.dtype == torch.bfloat16 and (own := _own_kernels(x, w.shape[0] % 4 == 0 and w.shape[1] % 16 == 0, w)):
-            y = _run_own(own.bf16_gemv, x.reshape(1, -1).float().contiguous(), w).reshape(*x.shape[:-1], -1)
+            y = cpu_kernels.run(own.bf16_gemv, x.reshape(1, -1).float().contiguous(), w).reshape(*x.shape[:-1], -1)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
             w32 = _scratch_float32(w.shape, x, w).copy_(w)
@@ -208,7 +201,7 @@ class Int8Linear(nn.Module):
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
         if (own := _own_kernels(x, self.out_features % 4 == 0 and self.in_features % 32 == 0)) is not None:
-            y = _run_own(own.int8_gemv, x2.float().contiguous(), self.qweight, self.scales)
+            y = cpu_kernels.run(own.int8_gemv, x2.float().contiguous(), self.qweight, self.scales)
             return _finish(self, y, x)
         kd = _kernel_dtype(x)
         key = (kd, self.scales.device)
@@ -273,12 +266,15 @@ class Int4Linear(nn.Module):
         if self.qweight.device.type != self.packed_for:
             raise Phi3VError(f"int4 weights packed for {self.packed_for} cannot run on {self.qweight.device.type}; "
                              "load the model with that device instead of moving it")  # fmt: skip
-        if _rows(x) > FEW_ROWS and x.device.type == "cpu" and _cpu_int4_block() is not None:
+        block = _cpu_int4_block()
+        # Dequantizing reads whole row blocks (64 rows with AVX512); a layer with a partial last block, laid
+        # out differently by PyTorch, runs its prompts through PyTorch's kernel instead.
+        if _rows(x) > FEW_ROWS and x.device.type == "cpu" and block and self.out_features % block == 0:
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
-        shape_ok = _cpu_int4_block() == 32 and self.out_features % 32 == 0 and self.group_size % 32 == 0
+        shape_ok = block == 32 and self.out_features % 32 == 0 and self.group_size % 32 == 0
         if (own := _own_kernels(x, shape_ok)) is not None:
-            y = _run_own(own.int4_gemv, x2.float().contiguous(), self.qweight, self.scales_and_zeros,
+            y = cpu_kernels.run(own.int4_gemv, x2.float().contiguous(), self.qweight, self.scales_and_zeros,
                          self.group_size)  # fmt: skip
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,

@@ -38,6 +38,7 @@ class Phi3VForCausalLM(nn.Module):
         self.config = cfg
         self.model = Phi3VModel(cfg)
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype when not the compute dtype
 
     @property
     def device(self) -> torch.device:
@@ -47,6 +48,11 @@ class Phi3VForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype. (The token embedding may be stored narrower: see `weights.load_model`.)"""
         return self.model.norm.weight.dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype generation keeps keys and values in: `kv_dtype`, else the compute dtype."""
+        return self.kv_dtype or self.dtype
 
     def encode_images(self, pixel_values: Tensor, image_sizes: Tensor) -> Tensor:
         """Projected image tokens of all images, in image order: (sum of T_img, hidden) (spec §4)."""
@@ -127,6 +133,7 @@ class Phi3VForCausalLM(nn.Module):
             mask = mask[:, None]
         seq_lens = lengths if lengths is not None else positions.amax(dim=1) + 1
         cos, sin = cos_sin(self.config.text, positions, x.dtype, seq_lens)
-        h = self.decode_layers(x, AttentionInputs(cos, sin, mask, positions, cache, rows, kv_len))
+        kv_lens = positions[:, 0] + 1 if T == 1 else None  # a decoding step: row b attends to keys 0..position
+        h = self.decode_layers(x, AttentionInputs(cos, sin, mask, positions, cache, rows, kv_len, kv_lens))
         last = (lengths - 1) if lengths is not None else torch.full((B,), T - 1, device=x.device)
         return self.logits(h[torch.arange(B, device=x.device), last])
