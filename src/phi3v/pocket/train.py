@@ -1,6 +1,6 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--steps 1400] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
+    python -m phi3v.pocket.train [--steps 2100] [--low-res-steps 1400] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
 
 Fixed seed, reproducible on the same machine and thread count; progress with loss and ETA on stderr.
 Data is generated on the fly (phi3v.pocket.data), one fresh batch per step: nothing is downloaded and
@@ -105,10 +105,12 @@ def optimizer(model: Phi3VForCausalLM, probe: nn.Linear, lr: float, vision_lr: f
     return torch.optim.AdamW(groups + [probe_group], betas=(0.9, 0.95))
 
 
-def encode(tok: Tokenizer, turns: list[Example], side: int) -> tuple[list[int], list[int], Tensor, Tensor]:
+def encode(
+    tok: Tokenizer, turns: list[Example], side: int, num_crops: int = NUM_CROPS
+) -> tuple[list[int], list[int], Tensor, Tensor]:
     """A conversation of questions about one scene (the images ride on the first turn) -> ids with image
     placeholders, labels (each answer and its <|end|>; IGNORE elsewhere) and the pixels."""
-    inputs = preprocess(turns[0].images, NUM_CROPS, side=side)
+    inputs = preprocess(turns[0].images, num_crops, side=side)
     messages: list[dict] = []
     ids: list[int] = []
     labels: list[int] = []
@@ -134,10 +136,10 @@ def fact_targets(facts: list[frozenset[str]]) -> Tensor:
     return out
 
 
-def collate(tok: Tokenizer, convs: list[list[Example]], side: int) -> dict[str, Tensor]:
+def collate(tok: Tokenizer, convs: list[list[Example]], side: int, num_crops: int = NUM_CROPS) -> dict[str, Tensor]:
     """Right-padded ids and labels; every image's crops stacked in conversation order, with its image-token
     count and its facts (multi-hot over FACTS)."""
-    rows = [encode(tok, turns, side) for turns in convs]
+    rows = [encode(tok, turns, side, num_crops) for turns in convs]
     facts = fact_targets([f for turns in convs for f in turns[0].facts])
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -188,7 +190,8 @@ def conversation(task: str, rng: random.Random, max_turns: int = MAX_TURNS) -> l
 
 
 def train_step(
-    model: Phi3VForCausalLM, probe: nn.Linear, tok: Tokenizer, convs: list[list[Example]], side: int
+    model: Phi3VForCausalLM, probe: nn.Linear, tok: Tokenizer, convs: list[list[Example]], side: int,
+    num_crops: int = NUM_CROPS,
 ) -> tuple[float, float]:
     """Accumulate the gradient of (mean answer-token loss + AUX_WEIGHT * mean fact loss per image) over
     `convs`, one micro-batch per task so that short single-image conversations are not padded to the
@@ -196,7 +199,7 @@ def train_step(
     groups: dict[str, list[list[Example]]] = {}
     for turns in convs:
         groups.setdefault(turns[0].task, []).append(turns)
-    batches = [collate(tok, g, side) for g in groups.values()]
+    batches = [collate(tok, g, side, num_crops) for g in groups.values()]
     tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
     images = sum(len(b["image_tokens"]) for b in batches)
     lm_total = aux_total = 0.0
@@ -227,11 +230,13 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
 
 def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
-    vision_lr: float = 1.0,
+    vision_lr: float = 1.0, low_res_steps: int = 0,
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. The vision path and the fact
-    probe learn at `vision_lr` times `lr`. Returns pocket.json's content."""
+    probe learn at `vision_lr` times `lr`. The first `low_res_steps` steps show the images at num_crops=1
+    (one tile and the global view: a step costs about half), the rest at NUM_CROPS. Returns pocket.json's
+    content."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -253,12 +258,14 @@ def train(
             "threads": torch.get_num_threads()}  # fmt: skip
     if vision_lr != 1.0:
         info["vision_lr"] = vision_lr
+    if low_res_steps:
+        info["low_res_steps"] = low_res_steps
     for step in bar:
         convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(batch_size)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, g["base_lr"])
         opt.zero_grad(set_to_none=True)
-        got = train_step(model, probe, tok, convs, side)
+        got = train_step(model, probe, tok, convs, side, 1 if step < low_res_steps else NUM_CROPS)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
@@ -282,16 +289,17 @@ def train(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FOLDER)
-    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--steps", type=int, default=2100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and fact probe")
+    ap.add_argument("--low-res-steps", type=int, default=1400, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
                     help="also write the files every N steps (0: only at the end)")  # fmt: skip
     a = ap.parse_args()
-    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr)
+    info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr, a.low_res_steps)
     print(json.dumps(info, indent=2))
 
 
