@@ -67,6 +67,7 @@ def main() -> None:
         "fp32 oneDNN packed": packed,
         "bf16 F.linear": lambda x: F.linear(x.bfloat16(), bf16.weight),
         "bf16 (Linear)": lambda x: bf16(x.bfloat16()),
+        "bf16 (Linear), fp32 row": bf16,  # one row: the AVX2 kernel (AVX512-BF16's takes bf16 rows only)
         "int8 PyTorch kernel": pytorch_kernels(int8),
         "int8 (Int8Linear)": int8,
         "int4 g32 PyTorch kernel": pytorch_kernels(int4[32]),

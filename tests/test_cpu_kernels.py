@@ -14,6 +14,7 @@ from phi3v.linear import Linear, quantize_layer
 
 CPU = torch.device("cpu")
 own = cpu_kernels.get()
+INT8_KERNEL = "int8_gemv_vnni" if cpu_kernels.has_vnni() else "int8_gemv"  # the one Int8Linear takes here
 needs_own = pytest.mark.skipif(own is None, reason="no AVX2 CPU or no C++ compiler: phi3v's kernels are not built")
 
 
@@ -51,14 +52,16 @@ def test_rows_are_quantized_to_int8_in_blocks_of_32():
 @pytest.mark.parametrize(
     "mode, n, k, group",
     [("int8", 4, 32, None), ("int8", 260, 224, None), ("int8", 3072, 8192, None),
-     ("int4", 32, 64, 32), ("int4", 96, 256, 64), ("int4", 256, 384, 128), ("int4", 16384, 3072, 128)],
+     ("int4", 32, 64, 32), ("int4", 64, 64, 32), ("int4", 96, 256, 64), ("int4", 192, 256, 64),
+     ("int4", 256, 384, 128), ("int4", 16384, 3072, 128)],
 )  # fmt: skip
 def test_own_kernels_compute_the_dequantized_product_of_the_int8_row(mode, n, k, group):
     """int8: x8 @ dequant(W).T with x8 = q8(x); int4: the same plus each group's zero times the sum of x
     (in float32) minus the sum of x8. Within float rounding of that math in float64, and within the
     quantization of x (0.5%) of the float product."""
-    if mode == "int4" and linear._cpu_int4_block() != 32:
-        pytest.skip("PyTorch packs int4 in 64-row blocks here (AVX512); the own kernel reads the AVX2 layout")
+    kernel = linear._own_int4_kernel(linear._cpu_int4_block(), n, group) if mode == "int4" else INT8_KERNEL
+    if kernel is None:
+        pytest.skip(f"no own int4 kernel for {n} rows in PyTorch's {linear._cpu_int4_block()}-row blocks on this CPU")
     layer, x, bias = layer_and_input(mode, n, k, group)
     w = layer.dequantize(torch.float32).double()
     x8 = q8(x).double()
@@ -67,8 +70,12 @@ def test_own_kernels_compute_the_dequantized_product_of_the_int8_row(mode, n, k,
         zeros = layer.scales_and_zeros[..., 1].double()  # (groups, n)
         dx = (x.double() - x8).reshape(-1, group).sum(-1)  # (groups,)
         want = want + dx @ zeros
-    raw = (own.int8_gemv(x, layer.qweight, layer.scales) if mode == "int8"
-           else own.int4_gemv(x, layer.qweight, layer.scales_and_zeros, layer.group_size))  # fmt: skip
+    if mode == "int8":
+        raw = getattr(own, kernel)(x, layer.qweight, layer.scales)
+        avx2 = own.int8_gemv(x, layer.qweight, layer.scales)  # also where the layer takes the VNNI kernel
+        assert rel(avx2 + bias, want) < 2e-6
+    else:
+        raw = getattr(own, kernel)(x, layer.qweight, layer.scales_and_zeros, layer.group_size)
     assert raw.shape == (1, n) and rel(raw + bias, want) < 2e-6
     assert rel(raw + bias, F.linear(x.double(), w, bias.double())) < 1e-2
     got = layer(x)  # the layer takes this route for one row
@@ -86,7 +93,8 @@ def test_bf16_linear_takes_the_own_kernel_for_one_row(n, k):
     layer.bias.data = torch.randn(n, generator=g).bfloat16()
     x = torch.randn(1, k, generator=g).bfloat16()
     want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
-    raw = own.bf16_gemv(x.float(), layer.weight)
+    avx512 = k % 32 == 0 and cpu_kernels.has_avx512_bf16()  # the layer's route for a bf16 row
+    raw = own.bf16_gemv_avx512(x, layer.weight) if avx512 else own.bf16_gemv(x.float(), layer.weight)
     assert raw.shape == (1, n) and rel(raw + layer.bias.float(), want) < 2e-6
     with torch.inference_mode():
         got = layer(x.view(1, 1, k))
@@ -99,9 +107,34 @@ def test_bf16_linear_takes_the_own_kernel_for_one_row(n, k):
 
 
 @needs_own
+@pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("n, k", [(4, 32), (260, 224), (16384, 3072)])
+def test_bf16_rows_take_the_avx512_dot_product_kernel(monkeypatch, n, k):
+    """A bfloat16 row times a bfloat16 weight: the same exact products as bf16_gemv's float32 path, summed
+    in float32 (so within 2e-6 of float64); float32 rows keep bf16_gemv, which does not round them."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(1, k, generator=g).bfloat16()
+    raw = own.bf16_gemv_avx512(x, w)
+    assert raw.dtype == torch.float32 and raw.shape == (1, n)
+    assert rel(raw, F.linear(x.double(), w.double())) < 2e-6
+    calls = []
+    for name in ("bf16_gemv", "bf16_gemv_avx512"):
+        real = getattr(own, name)
+        monkeypatch.setattr(own, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    layer = Linear(k, n, bias=False, dtype=torch.bfloat16)
+    layer.weight.data = w
+    with torch.inference_mode():
+        assert torch.equal(layer(x), raw.bfloat16())
+        layer(x.float())
+    assert calls == ["bf16_gemv_avx512", "bf16_gemv"]
+
+
+@needs_own
 def test_shapes_the_int8_kernel_does_not_handle_take_pytorchs(monkeypatch):
     """It needs rows % 4 == 0 and inputs % 32 == 0 (int4 needs rows % 32 == 0, as its layout does)."""
     monkeypatch.setattr(own, "int8_gemv", None)  # would raise if called
+    monkeypatch.setattr(own, "int8_gemv_vnni", None)
     layer, x, bias = layer_and_input("int8", 6, 16)
     assert rel(layer(x), F.linear(x, layer.dequantize(torch.float32), bias)) < 5e-3
 
@@ -109,8 +142,8 @@ def test_shapes_the_int8_kernel_does_not_handle_take_pytorchs(monkeypatch):
 @needs_own
 def test_only_single_rows_without_gradients_use_them(monkeypatch):
     calls = []
-    real = own.int8_gemv
-    monkeypatch.setattr(own, "int8_gemv", lambda *a: calls.append(1) or real(*a))
+    real = getattr(own, INT8_KERNEL)
+    monkeypatch.setattr(own, INT8_KERNEL, lambda *a: calls.append(1) or real(*a))
     layer, x, _ = layer_and_input("int8", 64, 64)
     layer(x)
     assert calls == [1]

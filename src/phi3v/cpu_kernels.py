@@ -1,7 +1,9 @@
-"""phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times a bf16, int8 or int4 weight, for
-x86-64 CPUs with AVX2 and FMA. They decode 1.2-2.5x faster than PyTorch's kernels on CPUs without AVX512
-(bench/kernels.py, docs/benchmarks.md); the int8 and int4 ones round the activations to int8 in blocks of
-32, where PyTorch's round them to bfloat16.
+"""phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times a bf16, int8 or int4 weight, and
+one decoding step's attention, for x86-64 CPUs with AVX2 and FMA; on AVX512 CPUs, variants with
+AVX512-BF16 dot products (bf16) and AVX512-VNNI (int8, and int4 in PyTorch's AVX512 layout). They decode
+1.2-2.5x faster than PyTorch's kernels (bench/kernels.py, docs/benchmarks.md), the AVX512 ones at about
+the speed of reading the weights; the int8 and int4 ones round the activations to int8 in blocks of 32,
+where PyTorch's round them to bfloat16.
 
 Compiled with PyTorch's extension builder the first time a bf16 or quantized model is loaded on such a CPU
 (about a minute, needs a C++ compiler; the `ninja` package is a dependency), then loaded from the cache
@@ -37,6 +39,16 @@ def cpu_flags() -> frozenset[str] | None:
 def _cpu_supports_avx2() -> bool:
     flags = cpu_flags()
     return os.uname().machine in ("x86_64", "AMD64") and flags is not None and {"avx2", "fma"} <= flags
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI on 256-bit registers (the int4 kernel for PyTorch's AVX512 layout)."""
+    return {"avx512_vnni", "avx512vl", "avx512bw"} <= (cpu_flags() or frozenset())
+
+
+def has_avx512_bf16() -> bool:
+    """Whether the CPU has AVX512-BF16 dot products (the bf16 kernel for bfloat16 activations)."""
+    return {"avx512_bf16", "avx512bw"} <= (cpu_flags() or frozenset())
 
 
 def _build_dir() -> Path:

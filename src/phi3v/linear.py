@@ -144,7 +144,12 @@ class Linear(nn.Linear):
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if w.dtype == torch.bfloat16 and (own := _own_kernels(x, w.shape[0] % 4 == 0 and w.shape[1] % 16 == 0, w)):
-            y = cpu_kernels.run(own.bf16_gemv, x.reshape(1, -1).float().contiguous(), w).reshape(*x.shape[:-1], -1)
+            x1 = x.reshape(1, -1)
+            if x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and cpu_kernels.has_avx512_bf16():
+                y = cpu_kernels.run(own.bf16_gemv_avx512, x1.contiguous(), w)  # the same products, exactly
+            else:
+                y = cpu_kernels.run(own.bf16_gemv, x1.float().contiguous(), w)
+            y = y.reshape(*x.shape[:-1], -1)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
             w32 = _scratch_float32(w.shape, x, w).copy_(w)
@@ -201,7 +206,8 @@ class Int8Linear(nn.Module):
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
         if (own := _own_kernels(x, self.out_features % 4 == 0 and self.in_features % 32 == 0)) is not None:
-            y = cpu_kernels.run(own.int8_gemv, x2.float().contiguous(), self.qweight, self.scales)
+            kernel = own.int8_gemv_vnni if cpu_kernels.has_vnni() else own.int8_gemv
+            y = cpu_kernels.run(kernel, x2.float().contiguous(), self.qweight, self.scales)
             return _finish(self, y, x)
         kd = _kernel_dtype(x)
         key = (kd, self.scales.device)
@@ -272,16 +278,26 @@ class Int4Linear(nn.Module):
         if _rows(x) > FEW_ROWS and x.device.type == "cpu" and block and self.out_features % block == 0:
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
-        shape_ok = block == 32 and self.out_features % 32 == 0 and self.group_size % 32 == 0
-        if (own := _own_kernels(x, shape_ok)) is not None:
-            y = cpu_kernels.run(own.int4_gemv, x2.float().contiguous(), self.qweight, self.scales_and_zeros,
-                         self.group_size)  # fmt: skip
+        kernel = _own_int4_kernel(block, self.out_features, self.group_size)
+        if (own := _own_kernels(x, kernel is not None)) is not None:
+            y = cpu_kernels.run(getattr(own, kernel), x2.float().contiguous(), self.qweight, self.scales_and_zeros,
+                                self.group_size)  # fmt: skip
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_and_zeros)  # fmt: skip
         else:
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros)
         return _finish(self, y, x)
+
+
+def _own_int4_kernel(block: int | None, out_features: int, group_size: int) -> str | None:
+    """The name of phi3v's int4 kernel for PyTorch's CPU layout with row blocks of `block` (32 with AVX2,
+    64 with AVX512; the latter kernel needs AVX512-VNNI), or None where none handles the layer."""
+    if group_size % 32 or block is None or out_features % block:
+        return None
+    if block == 32:
+        return "int4_gemv"
+    return "int4_gemv_b64" if block == 64 and cpu_kernels.has_vnni() else None
 
 
 def _finish(layer: Int8Linear | Int4Linear, y: Tensor, x: Tensor) -> Tensor:
