@@ -188,6 +188,34 @@ def test_no_kernels_leave_the_layers_on_pytorchs(monkeypatch):
     assert linear._own_kernels(x, True) is None
 
 
+@needs_own
+@pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("mode, n, k, group", [("int8", 8, 32, None), ("int8", 200, 224, None), ("int4", 64, 64, 32),
+                                               ("int4", 192, 256, 64), ("int4", 4096, 3072, 128)])  # fmt: skip
+def test_bf16_prompts_dequantize_in_the_own_kernels(monkeypatch, mode, n, k, group):
+    """Many bf16 rows: each block of the weight is written straight as bfloat16, bit for bit what
+    layer.dequantize(torch.bfloat16) gives, so the product equals PyTorch's dequantizing route's."""
+    if mode == "int4" and linear._cpu_int4_block() != 64:
+        pytest.skip("the int4 dequantizer reads PyTorch's AVX512 layout")
+    layer, _, bias = layer_and_input(mode, n, k, group)
+    lo = n // 2 // 64 * 64
+    out = torch.empty(n - lo, k, dtype=torch.bfloat16)
+    if mode == "int8":
+        got = own.dequantize_int8_bf16(layer.qweight, layer.scales, lo, n, out)
+    else:
+        got = own.dequantize_int4_b64_bf16(layer.qweight, layer.scales_and_zeros, layer.group_size, lo, n, out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, layer.dequantize(torch.bfloat16, lo, n))
+    monkeypatch.setattr(linear, "DEQUANT_BLOCK", 64)  # several blocks
+    x = torch.randn(linear.FEW_ROWS + 5, k).bfloat16()
+    calls, real = [], linear._own_bf16_dequantizer
+    monkeypatch.setattr(linear, "_own_bf16_dequantizer", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        fast = layer(x)
+        monkeypatch.setattr(linear, "_own_bf16_dequantizer", lambda *a: None)
+        plain = layer(x)
+    assert calls and torch.equal(fast, plain)
+
+
 def softmax_attention(q, k, v, lengths):
     """Each row's query heads over its first lengths[b] keys, in float64; key/value head h // (H / Hkv)."""
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -464,6 +465,96 @@ torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, 
   return y;
 }
 
+// Prompts (many rows) multiply by a dequantized weight in a dense bf16 GEMM. These write rows lo..hi of an
+// int8 weight (per-row scales) or of an int4 weight in PyTorch's AVX512 layout straight as bfloat16 into
+// `out` (hi - lo, K): the float32 math of Int8Linear.dequantize / Int4Linear.dequantize (a multiply, then
+// for int4 an add, each rounded), then rounded to nearest even, as Tensor.to(torch.bfloat16) does. At
+// memory speed, against several float32 passes over each block in PyTorch.
+static PHI3V_AVX512BF16 void store_bf16(at::BFloat16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), (__m128i)_mm256_cvtneps_pbh(v));
+}
+
+static PHI3V_AVX512BF16 void dequant_int8_rows(const int8_t* q, const float* scales, int64_t K, int64_t r0,
+                                               int64_t r1, int64_t lo, at::BFloat16* out) {
+  for (int64_t n = r0; n < r1; n++) {
+    const int8_t* r = q + n * K;
+    at::BFloat16* o = out + (n - lo) * K;
+    const __m256 s = _mm256_set1_ps(scales[n]);
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + k));
+      store_bf16(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), s));
+    }
+  }
+}
+
+// One 64-row block: per 32 inputs, the codes are first spread into a row-major tile (the layout keeps an
+// input's 64 rows together), then each row's 32 values are scaled.
+static PHI3V_AVX512BF16 void dequant_int4_b64_block(const uint8_t* p, const int32_t* szp, int64_t K, int64_t N,
+                                                    int64_t group, int64_t b, int64_t lo, at::BFloat16* out) {
+  alignas(32) uint8_t tile[64][32];
+  for (int64_t k0 = 0; k0 < K; k0 += 32) {
+    for (int kk = 0; kk < 32; kk++) {
+      const uint8_t* column = p + (k0 + kk) * 32;
+      for (int j = 0; j < 32; j++) {
+        tile[j][kk] = column[j] & 15;
+        tile[32 + j][kk] = column[j] >> 4;
+      }
+    }
+    const int32_t* pairs = szp + (k0 / group) * N + 64 * b;  // (scale, zero) bfloat16 pairs
+    for (int r = 0; r < 64; r++) {
+      const uint32_t pair = static_cast<uint32_t>(pairs[r]);
+      float scale, zero;
+      const uint32_t scale_bits = pair << 16, zero_bits = pair & 0xFFFF0000u;
+      std::memcpy(&scale, &scale_bits, 4);
+      std::memcpy(&zero, &zero_bits, 4);
+      const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero - 8.f * scale);  // (q - 8) s + zero
+      at::BFloat16* o = out + (64 * b + r - lo) * K + k0;
+      for (int c = 0; c < 32; c += 8) {
+        const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&tile[r][c]));
+        store_bf16(o + c, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), s), z));
+      }
+    }
+  }
+}
+
+static void check_dequant_out(const torch::Tensor& out, int64_t rows, int64_t K) {
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+              out.size(1) == K, "out must be a contiguous (hi - lo, K) bfloat16 tensor");
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "the bfloat16 dequantizers need AVX512-BF16");
+}
+
+torch::Tensor dequantize_int8_bf16(torch::Tensor q, torch::Tensor scales, int64_t lo, int64_t hi, torch::Tensor out) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.dim() == 2 && q.device().is_cpu() &&
+              scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == q.size(0),
+              "int8 codes and float32 row scales expected");
+  const int64_t K = q.size(1);
+  TORCH_CHECK(0 <= lo && lo < hi && hi <= q.size(0) && K % 8 == 0, "rows or shape not handled");
+  check_dequant_out(out, hi - lo, K);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(lo, hi, 16, [&](int64_t begin, int64_t end) { dequant_int8_rows(qp, sp, K, begin, end, lo, op); });
+  return out;
+}
+
+torch::Tensor dequantize_int4_b64_bf16(torch::Tensor q, torch::Tensor sz, int64_t group, int64_t lo, int64_t hi,
+                                       torch::Tensor out) {
+  TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous() && q.dim() == 2 && q.device().is_cpu(),
+              "int4 codes in PyTorch's CPU layout expected");
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == torch::kBFloat16 && group % 32 == 0 && K % group == 0 &&
+              sz.size(0) == K / group && sz.size(1) == N, "(K / group, N, 2) bfloat16 scales and zeros expected");
+  TORCH_CHECK(0 <= lo && lo < hi && hi <= N && lo % 64 == 0 && hi % 64 == 0, "rows must be whole 64-row blocks");
+  check_dequant_out(out, hi - lo, K);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const int32_t* szp = reinterpret_cast<const int32_t*>(sz.data_ptr<at::BFloat16>());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(lo / 64, hi / 64, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) dequant_int4_b64_block(qp + b * K * 32, szp, K, N, group, b, lo, op);
+  });
+  return out;
+}
+
 // One decoding step's attention for B sequences: q (B, H, D) float32; k, v (B, Hkv, S, D) float32 or
 // bfloat16, each (S, D) slab contiguous (a view of phi3v's KV cache); lengths (B) int64, the keys each
 // sequence attends to (its first lengths[b]). Query head h reads key/value head h / (H / Hkv).
@@ -523,6 +614,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "one float32 row, quantized to int8, times an int4 weight (PyTorch's AVX2 layout)");
   m.def("int4_gemv_b64", &int4_gemv_b64,
         "one float32 row, quantized to int8, times an int4 weight (PyTorch's AVX512 layout; needs AVX512-VNNI)");
+  m.def("dequantize_int8_bf16", &dequantize_int8_bf16, "rows lo..hi of an int8 weight as bfloat16, into out");
+  m.def("dequantize_int4_b64_bf16", &dequantize_int4_b64_bf16,
+        "rows lo..hi of an int4 weight (PyTorch's AVX512 layout) as bfloat16, into out");
   m.def("decode_attention", &decode_attention, "one decoding step's attention over a float32 or bfloat16 KV cache");
   m.def("quantize_row", &quantize_row_for_test, "the int8 kernels' view of one row, dequantized: (K / 32, 32)");
 }

@@ -24,6 +24,9 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# OpenMP: at::parallel_for's backend. No FMA contraction: the dequantizers must round a multiply and an add
+# separately, as PyTorch's float32 dequantizing does (the kernels ask for FMAs where they want them).
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
 
 
 @functools.cache
@@ -53,7 +56,8 @@ def has_avx512_bf16() -> bool:
 
 def _build_dir() -> Path:
     """A cache folder per source, PyTorch and Python version: the built module depends on all three."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                         + sys.version.encode()).hexdigest()[:16]  # fmt: skip
     root = Path(os.environ.get("PHI3V_CACHE") or Path.home() / ".cache" / "phi3v")
     return root / "kernels" / key
 
@@ -82,7 +86,7 @@ def get() -> ModuleType | None:
             "phi3v_cpu_kernels",
             [str(SOURCE)],
             build_directory=str(build),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: at::parallel_for's backend
+            extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # noqa: BLE001 - any build failure means: fall back to PyTorch's kernels

@@ -88,7 +88,8 @@ def _scratch_float32(shape: tuple[int, int], *inputs: Tensor) -> Tensor:
     if _records_grad(*inputs):
         return torch.empty(shape)
     n = shape[0] * shape[1]
-    if _scratch.buf.numel() < n:
+    # A buffer made under torch.inference_mode() cannot be written outside it (and the reverse is fine).
+    if _scratch.buf.numel() < n or (_scratch.buf.is_inference() and not torch.is_inference_mode_enabled()):
         _scratch.buf = torch.empty(0)  # free the old one before allocating the new
         _scratch.buf = torch.empty(n)
     return _scratch.buf[:n].view(shape)
@@ -101,13 +102,34 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, layer.in_features).to(dt)
     bias = None if layer.bias is None else layer.bias.to(dt)
     cpu = x.device.type == "cpu"
+    own = _own_bf16_dequantizer(layer, x, dt)
+    step = 2 * DEQUANT_BLOCK if own is not None else DEQUANT_BLOCK  # bf16 rows: the same scratch bytes
     blocks = []
-    for lo in range(0, layer.out_features, DEQUANT_BLOCK):
-        hi = min(lo + DEQUANT_BLOCK, layer.out_features)
-        out = _scratch_float32((hi - lo, layer.in_features), x) if cpu else None
-        w = layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
+    for lo in range(0, layer.out_features, step):
+        hi = min(lo + step, layer.out_features)
+        if own is not None:  # half-width rows of the float32 scratch buffer hold the bf16 block
+            w = own(lo, hi, _scratch_float32((hi - lo, layer.in_features // 2), x).view(torch.bfloat16))
+        else:
+            out = _scratch_float32((hi - lo, layer.in_features), x) if cpu else None
+            w = layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
         blocks.append(F.linear(x2, w, None if bias is None else bias[lo:hi]))
     return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _own_bf16_dequantizer(layer: Int8Linear | Int4Linear, x: Tensor, dt: torch.dtype):
+    """(lo, hi, out) -> rows lo:hi of `layer`'s weight written into `out` as bfloat16 by phi3v's kernels,
+    the same values as layer.dequantize(torch.bfloat16, lo, hi), where a bf16 many-row product on this CPU
+    can use them (AVX512-BF16; int4 in PyTorch's 64-row layout); else None."""
+    if dt != torch.bfloat16 or x.device.type != "cpu" or layer.in_features % 32 or _records_grad(x):
+        return None
+    if not cpu_kernels.has_avx512_bf16() or (own := cpu_kernels.get()) is None:
+        return None
+    if isinstance(layer, Int8Linear):
+        return lambda lo, hi, out: own.dequantize_int8_bf16(layer.qweight, layer.scales, lo, hi, out)
+    if _cpu_int4_block() == 64 and layer.group_size % 32 == 0 and DEQUANT_BLOCK % 64 == 0:
+        return lambda lo, hi, out: own.dequantize_int4_b64_bf16(layer.qweight, layer.scales_and_zeros,
+                                                                layer.group_size, lo, hi, out)  # fmt: skip
+    return None
 
 
 def _own_kernels(x: Tensor, shape_ok: bool, *params: Tensor):
