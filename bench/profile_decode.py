@@ -24,7 +24,8 @@ from phi3v.generate import Batch, Request
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm", "aten::mkldnn_linear",
            "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm",
-           "phi3v::bf16_gemv", "phi3v::int8_gemv", "phi3v::int4_gemv")  # fmt: skip
+           "phi3v::bf16_gemv", "phi3v::bf16_gemv_avx512", "phi3v::int8_gemv", "phi3v::int8_gemv_vnni",
+           "phi3v::int4_gemv", "phi3v::int4_gemv_b64")  # fmt: skip
 
 
 def main() -> None:
