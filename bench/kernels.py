@@ -58,22 +58,35 @@ def main() -> None:
     packed = Linear(a.k, a.n, bias=False)
     packed.weight.data = w.clone()
     packed.pack()
-    bf16 = Linear(a.k, a.n, bias=False, dtype=torch.bfloat16)
-    bf16.weight.data = w.bfloat16()
-    int8 = Int8Linear.quantize(w, None, torch.device("cpu"))
-    int4 = {g: Int4Linear.quantize(w, None, torch.device("cpu"), g) for g in (32, 128)}
+
+    def bf16():
+        layer = Linear(a.k, a.n, bias=False, dtype=torch.bfloat16)
+        layer.weight.data = w.bfloat16()
+        return layer
+
+    def int8():
+        return Int8Linear.quantize(w, None, torch.device("cpu"))
+
+    def int4(g):
+        return Int4Linear.quantize(w, None, torch.device("cpu"), g)
+
+    # Every route reads its own copy of the weight, and a round reads them all in turn (over 500 MB), so
+    # that no route finds its weight in the CPU's cache (32 MB of L3 here holds a whole int4 weight).
+    wb, b1, b2 = bf16().weight, bf16(), bf16()
     routes = {
         "fp32 MKL F.linear": lambda x: F.linear(x, w),
         "fp32 oneDNN packed": packed,
-        "bf16 F.linear": lambda x: F.linear(x.bfloat16(), bf16.weight),
-        "bf16 (Linear)": lambda x: bf16(x.bfloat16()),
-        "bf16 (Linear), fp32 row": bf16,  # one row: the AVX2 kernel (AVX512-BF16's takes bf16 rows only)
-        "int8 PyTorch kernel": pytorch_kernels(int8),
-        "int8 (Int8Linear)": int8,
-        "int4 g32 PyTorch kernel": pytorch_kernels(int4[32]),
-        "int4 g32 (Int4Linear)": int4[32],
-        "int4 g128 PyTorch kernel": pytorch_kernels(int4[128]),
-        "int4 g128 (Int4Linear)": int4[128],
+        "bf16 F.linear": lambda x: F.linear(x.bfloat16(), wb),
+        "bf16 (Linear)": lambda x: b1(x.bfloat16()),
+        "bf16 (Linear), fp32 row": b2,  # one row: the AVX2 kernel (AVX512-BF16's takes bf16 rows only)
+        "int8 PyTorch kernel": pytorch_kernels(int8()),
+        "int8 (Int8Linear)": int8(),
+        "int4 g32 PyTorch kernel": pytorch_kernels(int4(32)),
+        "int4 g32 (Int4Linear)": int4(32),
+        "int4 g128 PyTorch kernel": pytorch_kernels(int4(128)),
+        "int4 g128 (Int4Linear)": int4(128),
+        "int8 (Int8Linear), bf16": lambda x, layer=int8(): layer(x.bfloat16()),  # a bf16 model's activations
+        "int4 g128 (Int4Linear), bf16": lambda x, layer=int4(128): layer(x.bfloat16()),
     }
     own = "phi3v's own kernels for 1 row" if cpu_kernels.get() is not None else "no own kernels on this CPU"
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "

@@ -192,18 +192,22 @@ def child_transformers(a: argparse.Namespace) -> dict:
     return out
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a large tensor copy (read + write), best of 5."""
+def copy_bandwidth() -> tuple[float, float]:
+    """Bytes per second of a large tensor copy (read + write; the bandwidth limit's measure) and of a
+    plain read (a sum: what a decode step does with its weights), each the best of 5."""
     import torch
 
     a = torch.ones(256 << 20, dtype=torch.float32)  # 1 GiB
     b = torch.empty_like(a)
-    best = 0.0
+    copy = read = 0.0
     for _ in range(5):
         t = time.perf_counter()
         b.copy_(a)
-        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t))
-    return best
+        copy = max(copy, 2 * a.numel() * 4 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        a.sum()
+        read = max(read, a.numel() * 4 / (time.perf_counter() - t))
+    return copy, read
 
 
 def decode_bytes(checkpoint: Path, mode: str, dtype: str, group_size: int) -> float:
@@ -261,9 +265,9 @@ def run_all(a: argparse.Namespace) -> None:
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phi3v-bench-"))
-    bw = copy_bandwidth()
+    bw, read = copy_bandwidth()
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-               f"{torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s")  # fmt: skip
+               f"{torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s (read alone {read / 1e9:.1f})")  # fmt: skip
     print(f"machine: {machine}\ncheckpoint {a.checkpoint}, image {a.image.name}, {a.new_tokens} new tokens, greedy, "
           f"EOS ignored, int4 group {a.group_size}", flush=True)  # fmt: skip
     rows = []

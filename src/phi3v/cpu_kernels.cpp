@@ -404,8 +404,8 @@ static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const f
       __m256i s[8];
       for (auto& v : s) v = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++, p += 128) {
-        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);  // one stream per block
-        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048 + 64, _MM_HINT_T0);
+        // No software prefetch: the hardware's follows this single stream, and prefetching 512-4096 bytes
+        // ahead measured 1-9% slower.
         const __m256i xv = _mm256_set1_epi32(xquads[blk * 8 + j]);
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
