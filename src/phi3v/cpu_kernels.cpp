@@ -24,7 +24,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -265,29 +264,26 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
 // at the speed of reading the weight. Needs K % 32 == 0.
 #define PHI3V_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
+// acc + d[b] * (sum over input block b of x8 * w) for weight row r.
+static inline PHI3V_VNNI __m256 int8_block_vnni(const int8_t* r, const Q8Row& xq, int64_t b, __m256 acc) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 32 * b));
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&xq.q[32 * b]));
+  const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xq.d[b]), acc);
+}
+
 static PHI3V_VNNI void int8_rows_vnni(const int8_t* q, const Q8Row& xq, const float* scales, int64_t K,
                                       int64_t n0, int64_t n1, float* y) {
   const int64_t B = K / 32;
-  auto block = [&](const int8_t* r, int64_t b) {  // sum over input block b of x8 * w, as float, times d[b]
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 32 * b));
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&xq.q[32 * b]));
-    const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-    return std::make_pair(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xq.d[b]));
-  };
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* r = q + n * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
     int64_t b = 0;
     for (; b + 2 <= B; b += 2) {
-      const auto [s0, d0] = block(r, b);
-      const auto [s1, d1] = block(r, b + 1);
-      a0 = _mm256_fmadd_ps(s0, d0, a0);
-      a1 = _mm256_fmadd_ps(s1, d1, a1);
+      a0 = int8_block_vnni(r, xq, b, a0);
+      a1 = int8_block_vnni(r, xq, b + 1, a1);
     }
-    if (b < B) {
-      const auto [s0, d0] = block(r, b);
-      a0 = _mm256_fmadd_ps(s0, d0, a0);
-    }
+    if (b < B) a0 = int8_block_vnni(r, xq, b, a0);
     y[n] = hsum(_mm256_add_ps(a0, a1)) * scales[n];
   }
 }
