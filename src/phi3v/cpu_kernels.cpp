@@ -12,7 +12,7 @@
 // where the CPU has the instructions (the Python side checks; each kernel checks again): AVX512-BF16 dot
 // products for bf16 rows, AVX512-VNNI for int8 and for int4 in PyTorch's 64-row AVX512 layout. With a
 // single instruction per cache line or two of weight, they read one row at a time at about the speed of
-// a plain read (bench/kernels.py: 1.3-2x PyTorch's kernels there).
+// a plain read (bench/kernels.py: 1.1-1.7x PyTorch's kernels there).
 // All split the output rows over PyTorch's own thread pool (at::parallel_for).
 //
 // decode_attention is one decoding step's attention over the KV cache, which it reads in float32 or

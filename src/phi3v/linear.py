@@ -6,16 +6,18 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
   on the packed weights too: unpacking them per call for MKL's GEMM measured 20% slower end to end.
   The vision tower, which only ever sees many rows, stays in MKL's plain layout.
 - bfloat16, int8 and int4, one row (batch-1 decoding) on x86 CPUs with AVX2: phi3v's own kernels
-  (cpu_kernels.cpp): 1.2-1.6x (bf16), 1.4-1.5x (int8) and 2.2-2.5x (int4) faster than PyTorch's on this
-  AVX2 CPU.
-  The bf16 one keeps float32 activations; the int8 and int4 ones quantize them to int8 in blocks of 32
-  (0.5% relative error per product, against the weights' own 1% and 10%).
+  (cpu_kernels.cpp): 1.2-1.6x (bf16), 1.4-1.5x (int8) and 2.2-2.5x (int4) faster than PyTorch's on an
+  AVX2 CPU; on AVX512 CPUs their AVX512-BF16 / VNNI variants, 1.7x, 1.6x and 1.1-1.4x faster there.
+  The bf16 ones keep the activations as they come (float32, or bf16 for the AVX512 one); the int8 and
+  int4 ones quantize them to int8 in blocks of 32 (0.5% relative error per product, against the
+  weights' own 1% and 10%).
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
 - int8 / int4, other few-row products: PyTorch's weight-only kernels, fed bfloat16 activations (float32
   ones run 10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
   GEMM (in float32 where bf16 is emulated, as above), twice as fast as the int kernels there; the
-  blocks keep the temporary memory to a few tens of MB instead of several copies of the layer.
+  blocks keep the temporary memory to a few tens of MB instead of several copies of the layer. With
+  AVX512-BF16, phi3v's kernels write each block straight as bf16 (`_own_bf16_dequantizer`).
 """
 
 from __future__ import annotations
