@@ -148,6 +148,37 @@ void check(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(w.is_contiguous() && x.device().is_cpu() && w.device().is_cpu(), "CPU tensors expected");
 }
 
+// The int8 kernels' operands: int8 codes (N, K) with a float32 scale per row.
+void check_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales) {
+  check(x, q);
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 &&
+              scales.is_contiguous() && scales.numel() == q.size(0), "int8 codes and float32 row scales expected");
+  TORCH_CHECK(q.size(1) == x.size(1) && x.size(1) % 32 == 0, "weight shape not handled");
+}
+
+// The int4 kernels' operands: codes in PyTorch's CPU layout with blocks of `rows` output rows, and
+// (K / group, N, 2) bfloat16 (scale, zero) pairs.
+void check_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& sz, int64_t group, int64_t rows) {
+  check(x, q);
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) * 2 == K && N % rows == 0 && group % 32 == 0 && K % group == 0, "weight shape not handled");
+  TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == torch::kBFloat16 && sz.size(0) == K / group && sz.size(1) == N);
+}
+
+// The sum of the float32 x over each group of `group` inputs, from its per-32 block sums.
+std::vector<float> group_sums(const Q8Row& xq, int64_t K, int64_t group) {
+  std::vector<float> sums(K / group, 0.f);
+  for (int64_t blk = 0; blk < K / 32; blk++) sums[blk * 32 / group] += xq.xsum[blk];
+  return sums;
+}
+
+// Eight (scale, zero) bfloat16 pairs as two float32 vectors: a bfloat16 is the high half of a float32,
+// and a pair's low half is the scale, its high half the zero.
+inline void split_pairs(__m256i pairs, __m256& scale, __m256& zero) {
+  scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+  zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF0000)));
+}
+
 }  // namespace
 
 // y[n] = sum_k x[k] w[n, k] for a row-major (N, K) bfloat16 weight. Needs N % 4 == 0, K % 16 == 0.
@@ -226,11 +257,9 @@ torch::Tensor bf16_gemv_avx512(torch::Tensor x, torch::Tensor w) {
 // y[n] = scale[n] * sum_k x[k] q[n, k] for row-major (N, K) int8 codes and a float32 scale per row, x
 // quantized to int8 (Q8Row). Needs N % 4 == 0, K % 32 == 0.
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  check(x, q);
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 &&
-              scales.is_contiguous() && scales.numel() == q.size(0), "int8 codes and float32 row scales expected");
+  check_int8(x, q, scales);
   const int64_t K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && N % 4 == 0 && K % 32 == 0, "weight shape not handled");
+  TORCH_CHECK(N % 4 == 0, "weight shape not handled");
   const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
   auto y = torch::empty({1, N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -289,11 +318,8 @@ static PHI3V_VNNI void int8_rows_vnni(const int8_t* q, const Q8Row& xq, const fl
 }
 
 torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  check(x, q);
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 &&
-              scales.is_contiguous() && scales.numel() == q.size(0), "int8 codes and float32 row scales expected");
+  check_int8(x, q, scales);
   const int64_t K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && K % 32 == 0, "weight shape not handled");
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"),
               "int8_gemv_vnni needs AVX512-VNNI");
   const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
@@ -312,19 +338,16 @@ torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 // Per group: sum_k x_k w_nk = scale * sum_k x_k (q_nk - 8) + zero * sum_k x_k. The first sum runs on
 // int8 x (Q8Row), the second on the float32 x. Needs N % 32 == 0, group % 32 == 0.
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group) {
-  check(x, q);
+  check_int4(x, q, sz, group, 32);
   const int64_t K = x.size(1), N = q.size(0), G = K / group;
-  TORCH_CHECK(q.size(1) * 2 == K && N % 32 == 0 && group % 32 == 0 && K % group == 0, "weight shape not handled");
-  TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == torch::kBFloat16 && sz.size(0) == G && sz.size(1) == N);
   const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
-  std::vector<float> group_sums(G, 0.f);  // sum of the float32 x over each group, shared by all row blocks
-  for (int64_t blk = 0; blk < K / 32; blk++) group_sums[blk * 32 / group] += xq.xsum[blk];
+  const std::vector<float> xsums = group_sums(xq, K, group);  // shared by all row blocks
   const int16_t* xpairs = reinterpret_cast<const int16_t*>(xq.q.data());  // (x_k, x_k+1) byte pairs
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int32_t* szp = reinterpret_cast<const int32_t*>(sz.data_ptr<at::BFloat16>());  // (scale, zero) pairs
   auto y = torch::empty({1, N}, x.options());
   float* yp = y.data_ptr<float>();
-  const __m256i nibbles = _mm256_set1_epi8(15), high_half = _mm256_set1_epi32(0xFFFF0000);
+  const __m256i nibbles = _mm256_set1_epi8(15);
   // Inputs k and k + 1 of the block (32 bytes) become, per 128-bit lane, byte pairs (q[r, k], q[r, k+1])
   // for rows r = 0..7 (low lane) and 8..15 (high lane) of each nibble: vpmaddubsw's operand order.
   const __m256i interleave = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
@@ -361,13 +384,11 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int6
           for (int i = 0; i < 4; i++)
             a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[i], eight_sum)), d, a[i]);
         }
-        const __m256 xsum_g = _mm256_set1_ps(group_sums[g]);
+        const __m256 xsum_g = _mm256_set1_ps(xsums[g]);
         const int32_t* sz_pairs = szp + g * N + b * 32;
         for (int i = 0; i < 4; i++) {
-          // A bfloat16 is the high half of a float32: the pair's low half is the scale, the high the zero.
-          const __m256i sz8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz_pairs + 8 * i));
-          const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(sz8, 16));
-          const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(sz8, high_half));
+          __m256 scale, zero;
+          split_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz_pairs + 8 * i)), scale, zero);
           out[i] = _mm256_fmadd_ps(zero, xsum_g, _mm256_fmadd_ps(scale, a[i], out[i]));
         }
       }
@@ -387,9 +408,9 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int6
 constexpr int b64_base(int i) { return (i / 4) * 32 + (i % 4) * 4; }
 
 // Output rows 64b..64b+63 (yb) from the block's codes p (K * 32 bytes), as int4_gemv does for 32 rows.
-static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const float* group_sums, const int32_t* szp,
+static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const float* xsums, const int32_t* szp,
                                int64_t K, int64_t N, int64_t group, int64_t b, float* yb) {
-  const __m256i nibbles = _mm256_set1_epi8(15), high_half = _mm256_set1_epi32(0xFFFF0000);
+  const __m256i nibbles = _mm256_set1_epi8(15);
   const int32_t* xquads = reinterpret_cast<const int32_t*>(xq.q.data());  // (x_k .. x_k+3) byte quads
   __m256 out[8];
   for (auto& v : out) v = _mm256_setzero_ps();
@@ -421,15 +442,14 @@ static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const f
       for (int i = 0; i < 8; i++)
         a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[i], eight_sum)), d, a[i]);
     }
-    const __m256 xsum_g = _mm256_set1_ps(group_sums[g]);
+    const __m256 xsum_g = _mm256_set1_ps(xsums[g]);
     const int32_t* sz_pairs = szp + g * N + b * 64;  // (scale, zero) bfloat16 pairs of the block's rows
     for (int i = 0; i < 8; i++) {
       const int32_t* r = sz_pairs + b64_base(i);
-      const __m256i sz8 = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r))),
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16)), 1);
-      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(sz8, 16));
-      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(sz8, high_half));
+      __m256 scale, zero;
+      split_pairs(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r))),
+                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16)), 1),
+                  scale, zero);
       out[i] = _mm256_fmadd_ps(zero, xsum_g, _mm256_fmadd_ps(scale, a[i], out[i]));
     }
   }
@@ -441,22 +461,19 @@ static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const f
 
 // Needs N % 64 == 0, group % 32 == 0, and a CPU with AVX512-VNNI.
 torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group) {
-  check(x, q);
-  const int64_t K = x.size(1), N = q.size(0), G = K / group;
-  TORCH_CHECK(q.size(1) * 2 == K && N % 64 == 0 && group % 32 == 0 && K % group == 0, "weight shape not handled");
-  TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == torch::kBFloat16 && sz.size(0) == G && sz.size(1) == N);
+  check_int4(x, q, sz, group, 64);
+  const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"),
               "int4_gemv_b64 needs AVX512-VNNI");
   const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
-  std::vector<float> group_sums(G, 0.f);
-  for (int64_t blk = 0; blk < K / 32; blk++) group_sums[blk * 32 / group] += xq.xsum[blk];
+  const std::vector<float> xsums = group_sums(xq, K, group);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int32_t* szp = reinterpret_cast<const int32_t*>(sz.data_ptr<at::BFloat16>());
   auto y = torch::empty({1, N}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 64, 2, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
-      int4_b64_block(qp + b * K * 32, xq, group_sums.data(), szp, K, N, group, b, yp + b * 64);
+      int4_b64_block(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, yp + b * 64);
   });
   return y;
 }

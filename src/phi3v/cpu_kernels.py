@@ -44,11 +44,14 @@ def _cpu_supports_avx2() -> bool:
     return os.uname().machine in ("x86_64", "AMD64") and flags is not None and {"avx2", "fma"} <= flags
 
 
+@functools.cache  # asked on every decoding product
 def has_vnni() -> bool:
-    """Whether the CPU has AVX512-VNNI on 256-bit registers (the int4 kernel for PyTorch's AVX512 layout)."""
+    """Whether the CPU has AVX512-VNNI on 256-bit registers (the int8 kernel, and the int4 one for PyTorch's
+    AVX512 layout)."""
     return {"avx512_vnni", "avx512vl", "avx512bw"} <= (cpu_flags() or frozenset())
 
 
+@functools.cache
 def has_avx512_bf16() -> bool:
     """Whether the CPU has AVX512-BF16 dot products (the bf16 kernel for bfloat16 activations)."""
     return {"avx512_bf16", "avx512bw"} <= (cpu_flags() or frozenset())
