@@ -19,7 +19,7 @@ def test_same_seed_same_data_and_answers_are_canonical():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_ocr_text_is_drawn_and_fits(seed):
-    [ex] = ocr(random.Random(seed))
+    ex = ocr(random.Random(seed))[0]
     img = ex.images[0]
     assert 1 <= len(ex.answer.split()) <= 4 and img.size == (336, 336)
     bg = img.getpixel((0, 0))
@@ -51,6 +51,10 @@ def test_shape_answers_match_the_scene():
             elif ex.kind == "colour":
                 kind = ex.question.removeprefix("What colour is the ").removesuffix("?")
                 assert kind in SHAPES and ex.answer in COLOURS and f"{ex.answer} {kind}" in facts
+            elif ex.kind == "shape":  # a drill: the kind of the one shape of a colour
+                colour = ex.question.removeprefix("What shape is the ").removesuffix(" one?")
+                assert ex.drill and f"{colour} {ex.answer}" in facts
+                assert sum(f.startswith(colour + " ") for f in facts) == 1
             else:
                 assert ex.answer.startswith("a ") and ex.answer.count(" a ") + 1 == len(facts) - 1
 
@@ -77,11 +81,40 @@ def test_change_makes_two_different_images():
     rng = random.Random(3)
     kinds = set()
     for _ in range(30):
-        [ex] = change(rng)
+        ex, *drills = change(rng)
         kinds.add(ex.kind)
+        assert not ex.drill and all(d.drill and d.images == ex.images for d in drills)
+        counts = [int(d.answer) for d in drills if d.kind == "count"]
+        described = [d.answer.count(" a ") + 1 for d in drills if d.kind == "describe"]
+        assert counts == described and abs(counts[0] - counts[1]) == (ex.kind != "colour")
         assert len(ex.images) == 2 and ex.images[0].tobytes() != ex.images[1].tobytes()
         assert any(w in ex.answer for w in ("changed from", "was added", "was removed"))
     assert kinds == {"colour", "added", "removed"}
+
+
+def test_ocr_drills_name_the_words():
+    rng = random.Random(6)
+    for _ in range(30):
+        ex, *drills = ocr(rng)
+        words = ex.answer.split()
+        got = {d.kind: d.answer for d in drills}
+        assert got["words"] == str(len(words)) and all(d.drill for d in drills)
+        if len(words) > 1:
+            assert (got["first"], got["last"]) == (words[0], words[-1])
+        else:
+            assert set(got) == {"words"}
+
+
+def test_drills_are_never_sampled_and_never_open_a_conversation():
+    """Drills are training-only: the held-out sets (sample, dataset) never contain one, and a training
+    conversation always starts with a question the held-out set asks."""
+    from phi3v.pocket.train import conversation
+
+    assert not any(e.drill for e in dataset(200, seed=7))
+    rng = random.Random(8)
+    convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(80)]
+    assert all(not c[0].drill for c in convs) and any(q.drill for c in convs for q in c[1:])
+    assert {q.task for c in convs for q in c if q.drill} == {"ocr", "shapes", "change"}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -90,7 +123,7 @@ def test_facts_name_what_each_image_shows(task):
     for _ in range(20):
         qs = questions(task, rng)
         assert len(qs[0].facts) == len(qs[0].images) and all(f <= set(FACTS) and f for f in qs[0].facts)
-    [ex] = ocr(random.Random(5), n_words=2)
+    ex = ocr(random.Random(5), n_words=2)[0]
     words = [w for w in ex.answer.split() if not w.isdigit()]
     assert "2 words" in ex.facts[0] and all(f"word {w}" in ex.facts[0] for w in words)
 

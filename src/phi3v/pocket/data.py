@@ -9,6 +9,11 @@ Four families, the uses people put Phi-3-Vision to, shrunk to what a small model
 `questions(task, rng)` draws one scene and returns every question it answers (training asks several in
 one conversation: many answers per image encoded); `sample(task, rng)` picks one of them. Answers are
 canonical strings, so accuracy is exact match.
+
+Some questions are drills (`Example.drill`): training-only questions that break a hard answer into the
+facts it rests on (which shape is the red one, the first word, what each image of a pair shows). They are
+built from the scene without drawing from the random stream, and `sample` never picks them, so the
+held-out sets are the same with or without them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Example:
     answer: str
     kind: str = ""  # the question type inside the task, for per-type accuracy
     facts: tuple[frozenset[str], ...] = field(default=(), compare=False)  # per image, names from FACTS
+    drill: bool = False  # a training-only question (never sampled for evaluation)
 
 
 def questions(task: str, rng: random.Random) -> list[Example]:
@@ -57,8 +63,9 @@ def questions(task: str, rng: random.Random) -> list[Example]:
 
 
 def sample(task: str, rng: random.Random) -> Example:
-    """One question about one scene of `task`: a question kind uniformly, then one question of that kind."""
-    qs = questions(task, rng)
+    """One question about one scene of `task`, never a drill: a question kind uniformly, then one question
+    of that kind."""
+    qs = [q for q in questions(task, rng) if not q.drill]
     kind = rng.choice(sorted({q.kind for q in qs}))
     return rng.choice([q for q in qs if q.kind == kind])
 
@@ -100,7 +107,12 @@ def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
         y += int(size * 1.3)
     facts = {f"{n} words"} | {f"word {w}" for w in words if not w.isdigit()}
     facts |= {f"char {c}" for c in text if c.isdigit()}
-    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", (frozenset(facts),))]
+    f = (frozenset(facts),)
+    drills = [Example("ocr", [img], "How many words are there?", str(n), "words", f, drill=True)]
+    if n > 1:  # single words out of the line: where reading starts and ends
+        drills += [Example("ocr", [img], "What is the first word?", words[0], "first", f, drill=True),
+                   Example("ocr", [img], "What is the last word?", words[-1], "last", f, drill=True)]  # fmt: skip
+    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", f), *drills]
 
 
 def _wrap(words: list[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
@@ -175,7 +187,11 @@ def shapes(rng: random.Random) -> list[Example]:
     for kind in (k for k in SHAPES if kinds.count(k) == 1):
         colour = next(s.colour for s in scene if s.kind == kind)
         qs.append(Example("shapes", [img], f"What colour is the {kind}?", colour, "colour", f))
-    return qs + [Example("shapes", [img], "Describe the image.", describe(scene), "describe", f)]
+    qs.append(Example("shapes", [img], "Describe the image.", describe(scene), "describe", f))
+    # The kind of each uniquely coloured shape: no other question's answer is a kind on its own.
+    colours = [s.colour for s in scene]
+    return qs + [Example("shapes", [img], f"What shape is the {s.colour} one?", s.kind, "shape", f, drill=True)
+                 for s in scene if colours.count(s.colour) == 1]  # fmt: skip
 
 
 def scene_facts(scene: list[Shape]) -> frozenset[str]:
@@ -243,4 +259,8 @@ def change(rng: random.Random) -> list[Example]:
         answer = f"the {t.name} was removed"
     images = [draw_scene(scene, background), draw_scene(after, background)]
     facts = (scene_facts(scene), scene_facts(after))
-    return [Example("change", images, "What changed between the two images?", answer, how, facts)]
+    drills = [Example("change", images, f"How many shapes are in the {nth} image?", str(len(sc)), "count", facts, drill=True)
+              for nth, sc in (("first", scene), ("second", after))]  # fmt: skip
+    drills += [Example("change", images, f"Describe the {nth} image.", describe(sc), "describe", facts, drill=True)
+               for nth, sc in (("first", scene), ("second", after))]  # fmt: skip
+    return [Example("change", images, "What changed between the two images?", answer, how, facts), *drills]
