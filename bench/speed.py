@@ -14,7 +14,9 @@ a few ms) + Phi3ForCausalLM.generate(inputs_embeds=...), with `attn_implementati
 Numerical cost: the bf16 run's greedy tokens are the reference; every run is then teacher-forced along
 them (one full pass) and its logits at those positions are compared with bf16's: top-1 agreement and
 relative error. The memory-bandwidth limit is measured copy bandwidth / bytes of weights read per
-decode step; each mode's decode rate is reported as a fraction of it.
+decode step, with the copy measured right before each run; each mode's decode rate is reported as a
+fraction of it. `--repeat N` runs every configuration N times in interleaved rounds and reports the
+issue's ratios (quantized decode against bf16, bf16 against transformers) per round and their medians.
 """
 
 from __future__ import annotations
@@ -240,6 +242,8 @@ def main() -> None:
                     help="also teacher-force the baselines (shows they compute what phi3v does; one more prefill each)")
     ap.add_argument("--group-size", type=int, default=INT4_GROUP_SIZES[0],
                     help="int4 inputs per group (default: phi3v's, which fits Phi-3-V's every layer)")  # fmt: skip
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every configuration, interleaved; ratios are taken within a round")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/speed.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -269,7 +273,7 @@ def run_all(a: argparse.Namespace) -> None:
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
                f"{torch.__version__}, copy bandwidth {bw / 1e9:.1f} GB/s (read alone {read / 1e9:.1f})")  # fmt: skip
     print(f"machine: {machine}\ncheckpoint {a.checkpoint}, image {a.image.name}, {a.new_tokens} new tokens, greedy, "
-          f"EOS ignored, int4 group {a.group_size}", flush=True)  # fmt: skip
+          f"EOS ignored, int4 group {a.group_size}, {a.repeat} round(s)", flush=True)  # fmt: skip
     rows = []
     for crops in a.num_crops:
         ref = work / f"ref-{crops}.json"
@@ -278,41 +282,91 @@ def run_all(a: argparse.Namespace) -> None:
         if crops in a.baseline_crops:
             runs += [("transformers", b) for b in a.baselines]
         ref_logits = None
-        for kind, mode in runs:
-            stem = work / f"{kind}-{mode}-{crops}"
-            cmd = [sys.executable, __file__, "--child", kind, "--mode", mode, "--checkpoint", str(a.checkpoint),
-                   "--image", str(a.image), "--num-crops", str(crops), "--new-tokens", str(a.new_tokens),
-                   "--group-size", str(a.group_size), "--device", a.device, "--out", str(stem)]  # fmt: skip
-            if ref.exists():
-                cmd += ["--ref", str(ref)]
-            if not a.no_agreement and (kind == "phi3v" or a.baseline_agreement):
-                cmd += ["--agree"]
-            t = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if p.returncode:
-                print(f"{kind} {mode} crops={crops} FAILED:\n{p.stderr[-3000:]}", flush=True)
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            logits = torch.load(stem.with_suffix(".logits.pt"))
-            if ref_logits is None and logits is not None:
-                ref.write_text(json.dumps(r["tokens"]))
-                ref_logits = logits
-            if logits is not None:
-                r["top1_vs_bf16"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-                r["logits_rel_err"] = ((logits - ref_logits).norm() / ref_logits.norm()).item()
-            weights_mode = mode if kind == "phi3v" else "dense"
-            limit = bw / decode_bytes(a.checkpoint, weights_mode, r["dtype"], a.group_size)
-            r |= {"impl": kind, "mode": mode, "num_crops": crops, "bw_limit_tok_s": limit,
-                  "bw_fraction": r["decode_tok_s"] / limit, "wall_s": time.perf_counter() - t}  # fmt: skip
-            r.pop("tokens")
-            rows.append(r)
-            print(fmt(r), flush=True)
-    a.out.write_text(json.dumps({"machine": machine, "new_tokens": a.new_tokens, "rows": rows}, indent=1))
+        # Rounds run every configuration once, in the same order, so that a drift of the machine's speed
+        # (this VM's copy bandwidth moved by 1.5x within an hour) reaches each alike: the ratios between
+        # configurations are taken within a round, and their median reported.
+        for round_ in range(a.repeat):
+            for kind, mode in runs:
+                stem = work / f"{kind}-{mode}-{crops}"
+                cmd = [sys.executable, __file__, "--child", kind, "--mode", mode, "--checkpoint", str(a.checkpoint),
+                       "--image", str(a.image), "--num-crops", str(crops), "--new-tokens", str(a.new_tokens),
+                       "--group-size", str(a.group_size), "--device", a.device, "--out", str(stem)]  # fmt: skip
+                if ref.exists():
+                    cmd += ["--ref", str(ref)]
+                agree = round_ == 0 and not a.no_agreement and (kind == "phi3v" or a.baseline_agreement)
+                if agree:
+                    cmd += ["--agree"]
+                # The bandwidth limit of each run is measured just before it, not once for the whole bench.
+                run_bw, run_read = copy_bandwidth() if a.device == "cpu" else (bw, read)
+                t = time.perf_counter()
+                p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if p.returncode:
+                    print(f"{kind} {mode} crops={crops} FAILED:\n{p.stderr[-3000:]}", flush=True)
+                    continue
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                logits = torch.load(stem.with_suffix(".logits.pt"))
+                if ref_logits is None and logits is not None:
+                    ref.write_text(json.dumps(r["tokens"]))
+                    ref_logits = logits
+                if logits is not None:
+                    r["top1_vs_bf16"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+                    r["logits_rel_err"] = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+                weights_mode = mode if kind == "phi3v" else "dense"
+                limit = run_bw / decode_bytes(a.checkpoint, weights_mode, r["dtype"], a.group_size)
+                r |= {"impl": kind, "mode": mode, "num_crops": crops, "round": round_, "copy_gb_s": run_bw / 1e9,
+                      "read_gb_s": run_read / 1e9, "bw_limit_tok_s": limit, "bw_fraction": r["decode_tok_s"] / limit,
+                      "wall_s": time.perf_counter() - t}  # fmt: skip
+                r.pop("tokens")
+                rows.append(r)
+                print(fmt(r), flush=True)
+    summary = ratios(rows)
+    a.out.write_text(json.dumps({"machine": machine, "new_tokens": a.new_tokens, "rows": rows, "ratios": summary},
+                                indent=1))  # fmt: skip
     print(table(rows))
+    if summary:
+        print("\n" + ratio_table(summary))
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """The issue's ratios within each round (phi3v int8 and int4 decode against phi3v bf16; phi3v bf16 decode
+    and time to first token against the best transformers baseline of the round), with their medians over
+    the rounds."""
+    import statistics
+
+    out = []
+    for crops in sorted({r["num_crops"] for r in rows}):
+        per_round: dict[str, list[float]] = {}
+        for rnd in sorted({r["round"] for r in rows}):
+            got = {(r["impl"], r["mode"]): r for r in rows if r["num_crops"] == crops and r["round"] == rnd}
+            bf16 = got.get(("phi3v", "bf16"))
+            base = [r for (impl, _), r in got.items() if impl == "transformers"]
+            if bf16 is None:
+                continue
+            for q in ("int8", "int4"):
+                if ("phi3v", q) in got:
+                    per_round.setdefault(f"{q} decode / bf16 decode", []).append(
+                        got[("phi3v", q)]["decode_tok_s"] / bf16["decode_tok_s"])  # fmt: skip
+            if base:
+                best = max(base, key=lambda r: r["decode_tok_s"])
+                per_round.setdefault("bf16 decode / best transformers decode", []).append(
+                    bf16["decode_tok_s"] / best["decode_tok_s"])  # fmt: skip
+                fastest = min(base, key=lambda r: r["ttft_s"])
+                per_round.setdefault("bf16 TTFT / best transformers TTFT", []).append(bf16["ttft_s"] / fastest["ttft_s"])
+        out += [{"num_crops": crops, "ratio": k, "rounds": v, "median": statistics.median(v)} for k, v in per_round.items()]
+    return out
+
+
+def ratio_table(summary: list[dict]) -> str:
+    """A markdown table of `ratios`' output."""
+    lines = ["| crops | ratio | per round | median |", "|---|---|---|---:|"]
+    for s in summary:
+        lines.append(f"| {s['num_crops']} | {s['ratio']} | {', '.join(f'{v:.2f}' for v in s['rounds'])} | "
+                     f"**{s['median']:.2f}** |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def fmt(r: dict) -> str:
-    return (f"{r['impl']:<12} {r['mode']:<10} crops={r['num_crops']:<3} {r['dtype']:<8} "
+    return (f"round {r['round']} {r['impl']:<12} {r['mode']:<10} crops={r['num_crops']:<3} {r['dtype']:<8} "
             f"kv {r.get('kv_dtype', r['dtype']):<8} load {r['load_s']:6.1f}s "
             f"rss {r['peak_rss'] / 2**30:5.2f}GiB img {r['image_ms']:6.0f}ms vision {r['vision_s']:6.1f}s "
             f"prefill {r['prompt_tokens'] / r['prefill_s']:6.1f}tok/s ttft {r['ttft_s']:6.1f}s "
@@ -328,16 +382,17 @@ def agreement(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """A markdown table for docs/benchmarks.md."""
-    head = ("| impl | mode | crops | compute dtype | KV cache | load s | peak RSS GiB | image ms | vision s | prefill tok/s | "
-            "TTFT s | decode tok/s | % of bandwidth limit | top-1 vs bf16 | logits rel. err |")  # fmt: skip
+    head = ("| round | impl | mode | crops | compute dtype | KV cache | load s | peak RSS GiB | image ms | vision s | "
+            "prefill tok/s | TTFT s | decode tok/s | copy GB/s | % of bandwidth limit | top-1 vs bf16 | logits rel. err |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['impl']} | {r['mode']} | {r['num_crops']} | {r['dtype']} | {r.get('kv_dtype', r['dtype'])} | "
-            f"{r['load_s']:.1f} | "
+            f"| {r.get('round', 0)} | {r['impl']} | {r['mode']} | {r['num_crops']} | {r['dtype']} | "
+            f"{r.get('kv_dtype', r['dtype'])} | {r['load_s']:.1f} | "
             f"{r['peak_rss'] / 2**30:.2f} | {r['image_ms']:.0f} | {r['vision_s']:.1f} | "
             f"{r['prompt_tokens'] / r['prefill_s']:.1f} | {r['ttft_s']:.1f} | {r['decode_tok_s']:.2f} | "
-            f"{100 * r['bw_fraction']:.0f}% | {agreement(r) if 'top1_vs_bf16' in r else '- | -'} |"
+            f"{r.get('copy_gb_s', 0):.1f} | {100 * r['bw_fraction']:.0f}% | "
+            f"{agreement(r) if 'top1_vs_bf16' in r else '- | -'} |"
         )
     return "\n".join(lines)
 

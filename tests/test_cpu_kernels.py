@@ -85,6 +85,29 @@ def test_own_kernels_compute_the_dequantized_product_of_the_int8_row(mode, n, k,
 
 
 @needs_own
+@pytest.mark.parametrize("mode, n, k, group", [("int8", 260, 224, None), ("int4", 192, 256, 64)])
+def test_quantized_kernels_take_a_bf16_row_and_answer_in_bf16(monkeypatch, mode, n, k, group):
+    """A bf16 model's activations go to the int8/int4 kernels as they are: the same result as the float32
+    row of the same values, rounded to bf16 once; the layer adds the bias in bf16, as before."""
+    kernel = linear._own_int4_kernel(linear._cpu_int4_block(), n, group) if mode == "int4" else INT8_KERNEL
+    if kernel is None:
+        pytest.skip(f"no own int4 kernel for {n} rows in PyTorch's {linear._cpu_int4_block()}-row blocks on this CPU")
+    layer, x, bias = layer_and_input(mode, n, k, group)
+    xb = x.bfloat16()
+    params = (layer.qweight, layer.scales) if mode == "int8" else (layer.qweight, layer.scales_and_zeros, group)
+    kernels = [kernel, "int8_gemv"] if mode == "int8" else [kernel]
+    for name in kernels:
+        got = getattr(own, name)(xb, *params)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, getattr(own, name)(xb.float(), *params).bfloat16())
+    seen = []
+    monkeypatch.setattr(cpu_kernels, "run", lambda f, *a: seen.append(a[0].dtype) or f(*a))
+    assert torch.equal(layer(xb), getattr(own, kernel)(xb, *params) + bias.bfloat16())
+    assert seen == [torch.bfloat16]  # no float32 copy of the row on the way in
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 row"):
+        getattr(own, kernel)(x.half(), *params)
+
+
+@needs_own
 @pytest.mark.parametrize("n, k", [(4, 16), (260, 208), (16384, 3072)])
 def test_bf16_linear_takes_the_own_kernel_for_one_row(n, k):
     g = torch.Generator().manual_seed(1)

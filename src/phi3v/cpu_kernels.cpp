@@ -142,15 +142,31 @@ void attend_head(const float* q, const T* k, const T* v, int64_t len, int64_t D,
   for (int64_t c = 0; c < C; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
 }
 
-void check(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be one contiguous float32 row");
+void check(const torch::Tensor& x, const torch::Tensor& w, bool bf16_ok = false) {
+  const bool dtype_ok = x.scalar_type() == torch::kFloat32 || (bf16_ok && x.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && dtype_ok && x.is_contiguous(),
+              bf16_ok ? "x must be one contiguous float32 or bfloat16 row" : "x must be one contiguous float32 row");
   TORCH_CHECK(w.is_contiguous() && x.device().is_cpu() && w.device().is_cpu(), "CPU tensors expected");
+}
+
+// The quantized kernels take a float32 or a bfloat16 row (a bf16 model's activations, which would
+// otherwise cost a conversion each way per product in Python) and quantize it from float32.
+Q8Row quantize_row(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kFloat32) return quantize_row(x.data_ptr<float>(), x.size(1));
+  const at::BFloat16* b = x.data_ptr<at::BFloat16>();
+  std::vector<float> wide(x.size(1));
+  for (int64_t k = 0; k < x.size(1); k++) wide[k] = static_cast<float>(b[k]);
+  return quantize_row(wide.data(), x.size(1));
+}
+
+// A kernel's float32 output in x's dtype (rounded to nearest even, as Tensor.to does).
+torch::Tensor like_x(const torch::Tensor& y, const torch::Tensor& x) {
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }
 
 // The int8 kernels' operands: int8 codes (N, K) with a float32 scale per row.
 void check_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales) {
-  check(x, q);
+  check(x, q, true);
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 &&
               scales.is_contiguous() && scales.numel() == q.size(0), "int8 codes and float32 row scales expected");
   TORCH_CHECK(q.size(1) == x.size(1) && x.size(1) % 32 == 0, "weight shape not handled");
@@ -159,7 +175,7 @@ void check_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Ten
 // The int4 kernels' operands: codes in PyTorch's CPU layout with blocks of `rows` output rows, and
 // (K / group, N, 2) bfloat16 (scale, zero) pairs.
 void check_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& sz, int64_t group, int64_t rows) {
-  check(x, q);
+  check(x, q, true);
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(q.size(1) * 2 == K && N % rows == 0 && group % 32 == 0 && K % group == 0, "weight shape not handled");
   TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == torch::kBFloat16 && sz.size(0) == K / group && sz.size(1) == N);
@@ -194,7 +210,7 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   const float* x0 = x.data_ptr<float>();
   for (int64_t k = 0; k < K; k += 16)
     for (int j = 0; j < 8; j++) xe[k + j] = x0[k + 2 * j], xe[k + 8 + j] = x0[k + 2 * j + 1];
-  auto y = torch::empty({1, N}, x.options());
+  auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
   const __m256i high_half = _mm256_set1_epi32(0xFFFF0000);
@@ -260,8 +276,8 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   check_int8(x, q, scales);
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(N % 4 == 0, "weight shape not handled");
-  const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
-  auto y = torch::empty({1, N}, x.options());
+  const Q8Row xq = quantize_row(x);
+  auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -285,7 +301,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
       for (int i = 0; i < 4; i++) yp[n + i] = hsum(a[i]) * sp[n + i];
     }
   });
-  return y;
+  return like_x(y, x);
 }
 
 // The same on CPUs with AVX512-VNNI: vpdpbusd sums the four byte products of each 32-bit lane straight
@@ -322,13 +338,13 @@ torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"),
               "int8_gemv_vnni needs AVX512-VNNI");
-  const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
-  auto y = torch::empty({1, N}, x.options());
+  const Q8Row xq = quantize_row(x);
+  auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { int8_rows_vnni(qp, xq, sp, K, begin, end, yp); });
-  return y;
+  return like_x(y, x);
 }
 
 // y[n] = sum_k x[k] w[n, k] with w = (q - 8) * scale + zero per group of `group` inputs.
@@ -340,12 +356,12 @@ torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group) {
   check_int4(x, q, sz, group, 32);
   const int64_t K = x.size(1), N = q.size(0), G = K / group;
-  const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
+  const Q8Row xq = quantize_row(x);
   const std::vector<float> xsums = group_sums(xq, K, group);  // shared by all row blocks
   const int16_t* xpairs = reinterpret_cast<const int16_t*>(xq.q.data());  // (x_k, x_k+1) byte pairs
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int32_t* szp = reinterpret_cast<const int32_t*>(sz.data_ptr<at::BFloat16>());  // (scale, zero) pairs
-  auto y = torch::empty({1, N}, x.options());
+  auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
   const __m256i nibbles = _mm256_set1_epi8(15);
   // Inputs k and k + 1 of the block (32 bytes) become, per 128-bit lane, byte pairs (q[r, k], q[r, k+1])
@@ -395,7 +411,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int6
       for (int i = 0; i < 4; i++) _mm256_storeu_ps(yp + b * 32 + 8 * i, out[i]);
     }
   });
-  return y;
+  return like_x(y, x);
 }
 
 // The same product for PyTorch's AVX512 int4 layout: blocks of 64 output rows, and for block b and input k
@@ -465,17 +481,17 @@ torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, 
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"),
               "int4_gemv_b64 needs AVX512-VNNI");
-  const Q8Row xq = quantize_row(x.data_ptr<float>(), K);
+  const Q8Row xq = quantize_row(x);
   const std::vector<float> xsums = group_sums(xq, K, group);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int32_t* szp = reinterpret_cast<const int32_t*>(sz.data_ptr<at::BFloat16>());
-  auto y = torch::empty({1, N}, x.options());
+  auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 64, 2, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
       int4_b64_block(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, yp + b * 64);
   });
-  return y;
+  return like_x(y, x);
 }
 
 // Prompts (many rows) multiply by a dequantized weight in a dense bf16 GEMM. These write rows lo..hi of an

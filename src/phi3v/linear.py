@@ -9,8 +9,8 @@ Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CP
   (cpu_kernels.cpp): 1.2-1.6x (bf16), 1.4-1.5x (int8) and 2.2-2.5x (int4) faster than PyTorch's on an
   AVX2 CPU; on AVX512 CPUs their AVX512-BF16 / VNNI variants, 1.7x, 1.6x and 1.1-1.4x faster there.
   The bf16 ones keep the activations as they come (float32, or bf16 for the AVX512 one); the int8 and
-  int4 ones quantize them to int8 in blocks of 32 (0.5% relative error per product, against the
-  weights' own 1% and 10%).
+  int4 ones take float32 or bf16 rows, answer in the same dtype, and quantize them to int8 in blocks of
+  32 (0.5% relative error per product, against the weights' own 1% and 10%).
 - bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
   temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
 - int8 / int4, other few-row products: PyTorch's weight-only kernels, fed bfloat16 activations (float32
@@ -231,7 +231,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if (own := _own_kernels(x, self.out_features % 4 == 0 and self.in_features % 32 == 0)) is not None:
             kernel = own.int8_gemv_vnni if cpu_kernels.has_vnni() else own.int8_gemv
-            y = cpu_kernels.run(kernel, x2.float().contiguous(), self.qweight, self.scales)
+            y = cpu_kernels.run(kernel, _kernel_row(x2), self.qweight, self.scales)
             return _finish(self, y, x)
         kd = _kernel_dtype(x)
         key = (kd, self.scales.device)
@@ -304,7 +304,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         kernel = _own_int4_kernel(block, self.out_features, self.group_size)
         if (own := _own_kernels(x, kernel is not None)) is not None:
-            y = cpu_kernels.run(getattr(own, kernel), x2.float().contiguous(), self.qweight, self.scales_and_zeros,
+            y = cpu_kernels.run(getattr(own, kernel), _kernel_row(x2), self.qweight, self.scales_and_zeros,
                                 self.group_size)  # fmt: skip
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
@@ -322,6 +322,14 @@ def _own_int4_kernel(block: int | None, out_features: int, group_size: int) -> s
     if block == 32:
         return "int4_gemv"
     return "int4_gemv_b64" if block == 64 and cpu_kernels.has_vnni() else None
+
+
+def _kernel_row(x2: Tensor) -> Tensor:
+    """One row for phi3v's int8/int4 kernels, which take float32 or bfloat16 and answer in the same dtype:
+    as it is: no conversion each way per product."""
+    if x2.dtype in (torch.float32, torch.bfloat16) and x2.is_contiguous():
+        return x2
+    return x2.float().contiguous()
 
 
 def _finish(layer: Int8Linear | Int4Linear, y: Tensor, x: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--steps 3400] [--low-res-steps 2300] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
+    python -m phi3v.pocket.train [--steps 2600] [--low-res-steps 1800] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
 
 Fixed seed, reproducible on the same machine and thread count; progress with loss and ETA on stderr.
 Data is generated on the fly (phi3v.pocket.data), one fresh batch per step: nothing is downloaded and
@@ -323,11 +323,11 @@ def train(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FOLDER)
-    ap.add_argument("--steps", type=int, default=3400)
+    ap.add_argument("--steps", type=int, default=2600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and fact probe")
-    ap.add_argument("--low-res-steps", type=int, default=2300, help="the first N steps show images at num_crops=1")
+    ap.add_argument("--low-res-steps", type=int, default=1800, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
