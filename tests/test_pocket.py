@@ -50,6 +50,15 @@ def test_shipped_files_are_whole_and_small():
     assert info["train_seconds"] <= 3600
 
 
+def test_training_script_rebuilds_the_shipped_tokenizer(tmp_path):
+    """The training script's defaults are the shipped files' recipe: its first step, the tokenizer, comes
+    out byte for byte the same."""
+    from phi3v.pocket.train import build_tokenizer
+
+    build_tokenizer(tmp_path, seed=json.loads((FOLDER / "pocket.json").read_text())["seed"])
+    assert (tmp_path / "tokenizer.json").read_bytes() == (FOLDER / "tokenizer.json").read_bytes()
+
+
 def test_own_tokenizer_with_the_chat_special_tokens(pocket):
     tok = pocket.tokenizer
     assert tok.vocab_size < 2000  # its own, not Phi-3's 32k

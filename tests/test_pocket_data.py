@@ -106,15 +106,22 @@ def test_ocr_drills_name_the_words():
 
 
 def test_drills_are_never_sampled_and_never_open_a_conversation():
-    """Drills are training-only: the held-out sets (sample, dataset) never contain one, and a training
-    conversation always starts with a question the held-out set asks."""
+    """Drills are training-only and opt-in: the held-out sets (sample, dataset) never contain one, a
+    training conversation has them only with drills=True and then never starts with one; without them it
+    draws exactly what it did before drills existed (the shipped weights' recipe)."""
     from phi3v.pocket.train import conversation
 
     assert not any(e.drill for e in dataset(200, seed=7))
     rng = random.Random(8)
-    convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(80)]
+    convs = [conversation(TASKS[i % len(TASKS)], rng, drills=True) for i in range(80)]
     assert all(not c[0].drill for c in convs) and any(q.drill for c in convs for q in c[1:])
     assert {q.task for c in convs for q in c if q.drill} == {"ocr", "shapes", "change"}
+    plain, before = random.Random(9), random.Random(9)
+    for i in range(40):
+        got = conversation(TASKS[i % len(TASKS)], plain)
+        want = [q for q in questions(TASKS[i % len(TASKS)], before) if not q.drill]
+        before.shuffle(want)
+        assert [(q.question, q.answer) for q in got] == [(q.question, q.answer) for q in want[:6]]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -177,6 +184,14 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
         opt.step()
     (lm0, aux0), (lm, aux) = history[0], history[-1]
     assert lm < 0.5 * lm0 and aux < 0.5 * aux0, history
+    # --bf16: the same step under bfloat16 autocast computes the same losses to bf16's precision
+    opt.zero_grad()
+    exact = train_step(model, probe, tok, convs, side)
+    opt.zero_grad()
+    autocast = train_step(model, probe, tok, convs, side, bf16=True)
+    assert autocast != exact and autocast == pytest.approx(exact, rel=0.05)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)  # master weights and their gradients stay float32
 
 
 def test_vision_rate_multiplier_reaches_the_whole_vision_path():

@@ -1,6 +1,6 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--steps 2600] [--low-res-steps 1800] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
+    python -m phi3v.pocket.train [--steps 3400] [--low-res-steps 2300] [--drills] [--bf16] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
 
 Fixed seed, reproducible on the same machine and thread count; progress with loss and ETA on stderr.
 Data is generated on the fly (phi3v.pocket.data), one fresh batch per step: nothing is downloaded and
@@ -54,14 +54,15 @@ def pocket_config(vocab_size: int, pad_token_id: int) -> Phi3VConfig:
     return Phi3VConfig(text=text, vision=vision, num_img_tokens=vision.tokens_per_side**2)
 
 
-def build_tokenizer(folder: Path, seed: int) -> Tokenizer:
-    """Learn BPE merges from the tasks' questions and answers, drills included (plus every word the OCR task
-    can draw)."""
+def build_tokenizer(folder: Path, seed: int, drills: bool = False) -> Tokenizer:
+    """Learn BPE merges from the tasks' questions and answers, plus every word the OCR task can draw (and
+    the drills' questions, when training with them)."""
     from phi3v.pocket.data import COLOURS, SHAPES, WORDS
 
-    rng = random.Random(seed + 2)
-    drills = [q for i in range(200) for q in questions(TASKS[i % len(TASKS)], rng) if q.drill]
-    examples = dataset(4000, seed + 1) + drills
+    examples = dataset(4000, seed + 1)
+    if drills:
+        rng = random.Random(seed + 2)
+        examples += [q for i in range(200) for q in questions(TASKS[i % len(TASKS)], rng) if q.drill]
     corpus = [f"{e.question} {e.answer}" for e in examples] + list(WORDS) + list(COLOURS) + list(SHAPES)
     write_byte_tokenizer(folder, corpus, vocab_size=600)
     return Tokenizer.from_dir(folder)
@@ -185,11 +186,11 @@ def losses(model: Phi3VForCausalLM, probe: nn.Linear, b: dict) -> tuple[Tensor, 
     return F.cross_entropy(model.logits(h[:, :-1][keep]), target[keep], reduction="none"), aux
 
 
-def conversation(task: str, rng: random.Random, max_turns: int = MAX_TURNS) -> list[Example]:
-    """Up to `max_turns` of the questions one scene answers, in random order, except that the first is
-    never a drill: the held-out questions are asked with nothing but the image to go on, and each kind of
-    them is asked first as often as any other."""
-    turns = questions(task, rng)
+def conversation(task: str, rng: random.Random, max_turns: int = MAX_TURNS, drills: bool = False) -> list[Example]:
+    """Up to `max_turns` of the questions one scene answers (with `drills`, the training-only ones too), in
+    random order, except that the first is never a drill: the held-out questions are asked with nothing but
+    the image to go on, and each kind of them is asked first as often as any other."""
+    turns = [q for q in questions(task, rng) if drills or not q.drill]
     rng.shuffle(turns)
     first = next(i for i, q in enumerate(turns) if not q.drill)
     turns.insert(0, turns.pop(first))
@@ -225,14 +226,6 @@ def train_step(
     return lm_total, aux_total
 
 
-def default_bf16() -> bool:
-    """bfloat16 autocast where the CPU multiplies bfloat16 natively (AVX512-BF16: a training step 1.3x as
-    fast, measured); elsewhere it would be emulated and slower."""
-    from phi3v.cpu_kernels import has_avx512_bf16
-
-    return has_avx512_bf16()
-
-
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < warmup:
@@ -252,18 +245,19 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
 
 def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
-    vision_lr: float = 1.0, low_res_steps: int = 0, bf16: bool | None = None,
+    vision_lr: float = 1.0, low_res_steps: int = 0, bf16: bool = False, drills: bool = False,
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. The vision path and the fact
     probe learn at `vision_lr` times `lr`. The first `low_res_steps` steps show the images at num_crops=1
     (one tile and the global view: a step costs about half), the rest at NUM_CROPS. `bf16`: bfloat16
-    autocast (None: `default_bf16()`). Returns pocket.json's content."""
+    autocast; `drills`: the training-only questions too (`data.Example.drill`). Returns pocket.json's
+    content."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, seed)
+    tok = build_tokenizer(out, seed, drills)
     vocab = -(-tok.vocab_size // 64) * 64  # padded like Phi-3's 32064
     cfg = pocket_config(vocab, tok.pad_token_id)
     model = Phi3VForCausalLM(cfg)
@@ -282,10 +276,12 @@ def train(
         info["vision_lr"] = vision_lr
     if low_res_steps:
         info["low_res_steps"] = low_res_steps
-    bf16 = default_bf16() if bf16 is None else bf16
-    info["autocast"] = "bfloat16" if bf16 else "none"
+    if bf16:
+        info["autocast"] = "bfloat16"
+    if drills:
+        info["drills"] = True
     def batches(step: int) -> list[dict]:  # drawn in step order, so prefetching keeps the run reproducible
-        convs = [conversation(TASKS[i % len(TASKS)], rng) for i in range(batch_size)]
+        convs = [conversation(TASKS[i % len(TASKS)], rng, drills=drills) for i in range(batch_size)]
         return micro_batches(tok, convs, side, 1 if step < low_res_steps else NUM_CROPS)
 
     # The next step's images are drawn and preprocessed on a thread while this one trains (Pillow and
@@ -323,20 +319,21 @@ def train(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FOLDER)
-    ap.add_argument("--steps", type=int, default=2600)
+    ap.add_argument("--steps", type=int, default=3400)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and fact probe")
-    ap.add_argument("--low-res-steps", type=int, default=1800, help="the first N steps show images at num_crops=1")
+    ap.add_argument("--low-res-steps", type=int, default=2300, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
                     help="also write the files every N steps (0: only at the end)")  # fmt: skip
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 autocast (default: on where the CPU has AVX512-BF16)")  # fmt: skip
+    ap.add_argument("--bf16", action="store_true",
+                    help="bfloat16 autocast (a step 1.1x as fast on an AVX512-BF16 CPU; docs/pocket.md)")
+    ap.add_argument("--drills", action="store_true", help="also the training-only questions (docs/pocket.md)")
     a = ap.parse_args()
     info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr, a.low_res_steps,
-                 a.bf16)  # fmt: skip
+                 a.bf16, a.drills)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
