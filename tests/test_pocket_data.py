@@ -156,7 +156,8 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
 
     from phi3v.model import Phi3VForCausalLM
     from phi3v.pocket.train import (
-        IGNORE, build_tokenizer, collate, conversation, init_weights, param_groups, pocket_config, train_step,
+        IGNORE, build_tokenizer, collate, conversation, init_weights, micro_batches, param_groups, pocket_config,
+        train_step,
     )  # fmt: skip
 
     torch.manual_seed(0)
@@ -177,18 +178,20 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     weight = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight
     patch = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
     assert patch["lr"] < 3e-3 / 10  # the 5292-input patch embedding learns at a scaled-down rate
+    batches = micro_batches(tok, convs, side)
+    assert sorted(b["ids"].shape[0] for b in batches) == [1, 1, 1, 1]  # one micro-batch per task
     history = []
     for _ in range(15):
         opt.zero_grad()
-        history.append(train_step(model, probe, tok, convs, side))
+        history.append(train_step(model, probe, batches))
         opt.step()
     (lm0, aux0), (lm, aux) = history[0], history[-1]
     assert lm < 0.5 * lm0 and aux < 0.5 * aux0, history
     # --bf16: the same step under bfloat16 autocast computes the same losses to bf16's precision
     opt.zero_grad()
-    exact = train_step(model, probe, tok, convs, side)
+    exact = train_step(model, probe, batches)
     opt.zero_grad()
-    autocast = train_step(model, probe, tok, convs, side, bf16=True)
+    autocast = train_step(model, probe, batches, bf16=True)
     assert autocast != exact and autocast == pytest.approx(exact, rel=0.05)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)  # master weights and their gradients stay float32

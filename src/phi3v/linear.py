@@ -325,8 +325,8 @@ def _own_int4_kernel(block: int | None, out_features: int, group_size: int) -> s
 
 
 def _kernel_row(x2: Tensor) -> Tensor:
-    """One row for phi3v's int8/int4 kernels, which take float32 or bfloat16 and answer in the same dtype:
-    as it is: no conversion each way per product."""
+    """One row for phi3v's int8/int4 kernels. They take float32 or bfloat16 and answer in the same dtype,
+    so such a row goes as it is, with no conversion either way."""
     if x2.dtype in (torch.float32, torch.bfloat16) and x2.is_contiguous():
         return x2
     return x2.float().contiguous()

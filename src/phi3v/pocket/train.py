@@ -206,14 +206,9 @@ def micro_batches(tok: Tokenizer, convs: list[list[Example]], side: int, num_cro
     return [collate(tok, g, side, num_crops) for g in groups.values()]
 
 
-def train_step(
-    model: Phi3VForCausalLM, probe: nn.Linear, tok: Tokenizer, convs: list[list[Example]] | list[dict], side: int,
-    num_crops: int = NUM_CROPS, bf16: bool = False,
-) -> tuple[float, float]:
+def train_step(model: Phi3VForCausalLM, probe: nn.Linear, batches: list[dict], bf16: bool = False) -> tuple[float, float]:
     """Accumulate the gradient of (mean answer-token loss + AUX_WEIGHT * mean fact loss per image) over
-    `convs` (conversations, or their `micro_batches`), with bfloat16 autocast if `bf16`. Returns the two
-    means."""
-    batches = convs if convs and isinstance(convs[0], dict) else micro_batches(tok, convs, side, num_crops)
+    `batches` (a step's `micro_batches`), with bfloat16 autocast if `bf16`. Returns the two means."""
     tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
     images = sum(len(b["image_tokens"]) for b in batches)
     lm_total = aux_total = 0.0
@@ -280,6 +275,7 @@ def train(
         info["autocast"] = "bfloat16"
     if drills:
         info["drills"] = True
+
     def batches(step: int) -> list[dict]:  # drawn in step order, so prefetching keeps the run reproducible
         convs = [conversation(TASKS[i % len(TASKS)], rng, drills=drills) for i in range(batch_size)]
         return micro_batches(tok, convs, side, 1 if step < low_res_steps else NUM_CROPS)
@@ -295,7 +291,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, g["base_lr"])
             opt.zero_grad(set_to_none=True)
-            got = train_step(model, probe, tok, ready, side, bf16=bf16)
+            got = train_step(model, probe, ready, bf16=bf16)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
