@@ -197,6 +197,21 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     assert grads and all(g.dtype == torch.float32 for g in grads)  # master weights and their gradients stay float32
 
 
+def test_normed_fact_probe_reads_the_differences_between_images():
+    """--norm-probe: the probe sees pooled features layer-normed, so the tiny spread between images at the
+    start gives logits that differ by as much as the plain probe's would only after its weights grew."""
+    import torch
+
+    from phi3v.pocket.train import fact_probe
+
+    torch.manual_seed(0)
+    pooled = 0.05 + 0.003 * torch.randn(8, 256)  # like the tower's mean tokens at initialisation
+    plain, normed = fact_probe(256), fact_probe(256, normed=True)
+    assert isinstance(plain, torch.nn.Linear)
+    assert normed(pooled).std(0).mean() > 10 * plain(pooled).std(0).mean()
+    torch.testing.assert_close(normed(pooled + 1), normed(pooled), atol=1e-4, rtol=1e-4)  # the shared mean is gone
+
+
 def test_vision_rate_multiplier_reaches_the_whole_vision_path():
     """--vision-lr scales every vision parameter, the patch embedding's scaled-down rate included, and
     nothing of the decoder."""

@@ -1,6 +1,6 @@
 """Train the pocket model's vision path alone against the fact probe: a quick signal for recipe changes.
 
-    python -m phi3v.pocket.tower [--steps 300] [--lr 1e-3] [--vision-lr 3] [--patch-lr-scale S]
+    python -m phi3v.pocket.tower [--steps 300] [--lr 1e-3] [--vision-lr 3] [--patch-lr-scale S] [--norm-probe]
 
 The full training (phi3v.pocket.train) needs hundreds of steps before its answers depend on the images,
 so short runs of it cannot tell two vision recipes apart. This trains only what the fact loss reaches
@@ -21,7 +21,9 @@ from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket.data import FACTS, TASKS, questions
 from phi3v.pocket.evaluate import HELD_OUT_SEED
-from phi3v.pocket.train import NUM_CROPS, fact_loss, fact_targets, init_weights, lr_at, optimizer, pocket_config
+from phi3v.pocket.train import (
+    NUM_CROPS, fact_loss, fact_probe, fact_targets, init_weights, lr_at, optimizer, pocket_config,
+)  # fmt: skip
 
 
 def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, list[int], Tensor, list[str]]:
@@ -37,21 +39,22 @@ def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, 
     return inputs.pixel_values, inputs.image_sizes, counts, fact_targets(facts), tasks
 
 
-def fact_losses(model: Phi3VForCausalLM, probe: nn.Linear, batch) -> Tensor:
+def fact_losses(model: Phi3VForCausalLM, probe: nn.Module, batch) -> Tensor:
     """Each image's summed fact loss, as in the full training."""
     pixels, sizes, counts, targets, _ = batch
     return fact_loss(probe, model.encode_images(pixels, sizes), counts, targets)
 
 
 def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, images: int, held_out: int,
-        every: int = 50, seed: int = 0) -> list[dict[str, float]]:  # fmt: skip
-    """Train for `steps`; every `every` steps the mean held-out fact loss per task. Returns those reports."""
+        every: int = 50, seed: int = 0, norm_probe: bool = False) -> list[dict[str, float]]:  # fmt: skip
+    """Train for `steps` (the fact probe on layer-normed features if `norm_probe`); every `every` steps the
+    mean held-out fact loss per task. Returns those reports."""
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(pocket_config(640, 0))
     init_weights(model, seed)
     side = model.config.vision.tokens_per_side
     vision = model.model.vision_embed_tokens
-    probe = nn.Linear(model.config.text.hidden_size, len(FACTS))
+    probe = fact_probe(model.config.text.hidden_size, norm_probe)
     opt = optimizer(model, probe, lr, vision_lr, patch_lr_scale)  # the decoder gets no gradient: AdamW skips it
     held = [image_batch(random.Random(HELD_OUT_SEED + i), images, side) for i in range(-(-held_out // images))]
     rng, t0, reports = random.Random(seed), time.perf_counter(), []
@@ -72,7 +75,7 @@ def run(steps: int, lr: float, vision_lr: float, patch_lr_scale: float | None, i
 
 
 @torch.no_grad()
-def held_out_losses(model: Phi3VForCausalLM, probe: nn.Linear, held: list) -> dict[str, float]:
+def held_out_losses(model: Phi3VForCausalLM, probe: nn.Module, held: list) -> dict[str, float]:
     """The mean fact loss of the held-out scenes, per task."""
     totals: dict[str, list[float]] = {}
     for batch in held:
@@ -90,8 +93,9 @@ def main() -> None:
                     help="the patch embedding's rate multiple (default: hidden / fan-in, as in training)")  # fmt: skip
     ap.add_argument("--images", type=int, default=20, help="scenes per step")
     ap.add_argument("--held-out", type=int, default=100, help="held-out scenes scored")
+    ap.add_argument("--norm-probe", action="store_true", help="the fact probe reads layer-normed features")
     a = ap.parse_args()
-    run(a.steps, a.lr, a.vision_lr, a.patch_lr_scale, a.images, a.held_out)
+    run(a.steps, a.lr, a.vision_lr, a.patch_lr_scale, a.images, a.held_out, norm_probe=a.norm_probe)
 
 
 if __name__ == "__main__":
