@@ -237,3 +237,24 @@ def test_vision_only_signal_trains_the_tower_and_reports_each_task():
     assert [r["step"] for r in reports] == [1, 2]
     assert set(TASKS) <= set(reports[0]) and all(reports[0][t] > 0 for t in TASKS)
     assert reports[0]["ocr"] != reports[1]["ocr"]  # a step moved the tower
+
+
+def test_glyph_targets_sit_on_the_ink_and_the_probe_trains():
+    """phi3v.pocket.glyphs: each target patch holds its character's ink, no other patch has a target, and
+    the tower's patch features (through its own image processor) train without error."""
+    import torch
+
+    from phi3v.pocket.glyphs import CHARS, batch, glyph_image, run
+
+    rng = random.Random(3)
+    for patch, jitter in ((42, 20), (21, 10)):
+        img, target = glyph_image(rng, patch, jitter, (40, 70))
+        assert int((target >= 0).sum()) == 8 and int(target.max()) < len(CHARS)
+        px = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(336, 336, 3).float()
+        ink = (px - px[0, 0]).abs().sum(-1) > 60  # the corner is background: no cell reaches it
+        grid = 336 // patch
+        per_patch = ink.view(grid, patch, grid, patch).sum((1, 3)).flatten()
+        assert bool((per_patch[target >= 0] > 0).all()), (patch, jitter)
+    pixels, targets = batch(rng, 2, 42, 0, (40, 70))
+    assert pixels.shape == (2, 3, 336, 336) and targets.shape == (2, 64)
+    assert len(run(steps=2, images=2, every=1)) == 2
