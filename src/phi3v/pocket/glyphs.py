@@ -1,6 +1,6 @@
 """Can the pocket tower learn to see glyphs? A quick signal for the OCR task, on the vision tower alone.
 
-    python -m phi3v.pocket.glyphs [--patch 42] [--jitter 20] [--steps 400] [--sizes 40 70]
+    python -m phi3v.pocket.glyphs [--patch 42] [--jitter 20] [--steps 400] [--sizes 40 70] [--ramp 0]
 
 Each image holds 8 single characters (a-z, 0-9) in 8 of the 16 cells of an 84 px grid, each centred on a
 patch corner plus a random shift of up to --jitter px, in random colours on the tasks' backgrounds. The
@@ -60,8 +60,9 @@ def batch(rng: random.Random, n: int, patch: int, jitter: int, sizes: tuple[int,
 
 
 def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, int] = (40, 70), images: int = 16,
-        lr: float = 1e-3, every: int = 100, seed: int = 0) -> list[float]:  # fmt: skip
-    """Train the tower and head for `steps`; returns the held-out accuracy every `every` steps."""
+        lr: float = 1e-3, every: int = 100, seed: int = 0, ramp: int = 0) -> list[float]:  # fmt: skip
+    """Train the tower and head for `steps`, the shift growing from 0 to `jitter` over the first `ramp` steps;
+    returns the held-out accuracy (at the full `jitter`) every `every` steps."""
     torch.manual_seed(seed)
     cfg = pocket_config(640, 0)
     cfg = replace(cfg, vision=replace(cfg.vision, patch_size=patch))
@@ -82,7 +83,8 @@ def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, i
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, g["base_lr"], warmup=min(50, steps // 5))
-        pixels, target = batch(rng, images, patch, jitter, sizes)
+        shift = jitter if step >= ramp else jitter * step // ramp
+        pixels, target = batch(rng, images, patch, shift, sizes)
         keep = target >= 0
         loss = F.cross_entropy(logits(pixels)[keep], target[keep])
         opt.zero_grad(set_to_none=True)
@@ -105,8 +107,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--sizes", type=int, nargs=2, default=(40, 70), help="font sizes, smallest and largest")
     ap.add_argument("--images", type=int, default=16, help="images per step")
+    ap.add_argument("--ramp", type=int, default=0, help="grow the shift from 0 to --jitter over this many steps")
     a = ap.parse_args()
-    run(a.patch, a.jitter, a.steps, tuple(a.sizes), a.images)
+    run(a.patch, a.jitter, a.steps, tuple(a.sizes), a.images, ramp=a.ramp)
 
 
 if __name__ == "__main__":
