@@ -257,4 +257,4 @@ def test_glyph_targets_sit_on_the_ink_and_the_probe_trains():
         assert bool((per_patch[target >= 0] > 0).all()), (patch, jitter)
     pixels, targets = batch(rng, 2, 42, 0, (40, 70))
     assert pixels.shape == (2, 3, 336, 336) and targets.shape == (2, 64)
-    assert len(run(steps=2, images=2, every=1)) == 2
+    assert len(run(steps=2, images=2, every=1, ramp=2)) == 2  # the shift grows 0, 10 px, then held-out at 20
