@@ -33,6 +33,7 @@ WORDS = (
 ).split()
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
            "purple": (140, 60, 180), "orange": (245, 130, 20), "black": (20, 20, 20)}  # fmt: skip
+INK = [c for name, c in COLOURS.items() if name != "yellow"]  # the colours text is drawn in
 SHAPES = ("circle", "square", "triangle")
 # What each image shows, as named facts: the training script's auxiliary target for the vision tower.
 FACTS = (
@@ -89,7 +90,7 @@ def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
     words = [rng.choice(WORDS) if rng.random() < 0.75 else str(rng.randint(0, 999)) for _ in range(n)]
     text = " ".join(words)
     img, draw = _canvas(rng)
-    colour = rng.choice([c for name, c in COLOURS.items() if name != "yellow"])
+    colour = rng.choice(INK)
     # A random size, shrunk until the wrapped lines fit: small text must be read too.
     size = rng.randint(22, 56)
     font = ImageFont.load_default(size=size)

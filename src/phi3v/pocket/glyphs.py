@@ -27,13 +27,12 @@ from torch import Tensor, nn
 
 from phi3v.image_processor import preprocess
 from phi3v.model import Phi3VForCausalLM
-from phi3v.pocket.data import BACKGROUNDS, COLOURS, SIZE
+from phi3v.pocket.data import BACKGROUNDS, INK, SIZE
 from phi3v.pocket.evaluate import HELD_OUT_SEED
 from phi3v.pocket.train import init_weights, lr_at, param_groups, pocket_config
 
 CHARS = string.ascii_lowercase + string.digits
 CELL = 84  # a 4x4 grid of cells; their centres are patch corners for 42 and 21 px patches
-INK = [c for name, c in COLOURS.items() if name != "yellow"]
 
 
 def glyph_image(rng: random.Random, patch: int, jitter: int, sizes: tuple[int, int]) -> tuple[Image.Image, Tensor]:
@@ -79,6 +78,7 @@ def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, i
         return head(F.layer_norm(f, f.shape[-1:]))
 
     held = [batch(random.Random(HELD_OUT_SEED + i), 50, patch, jitter, sizes) for i in range(2)]
+    labelled = sum(int((t >= 0).sum()) for _, t in held)
     rng, t0, accuracies = random.Random(seed), time.perf_counter(), []
     for step in range(steps):
         for g in opt.param_groups:
@@ -94,7 +94,7 @@ def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, i
         if (step + 1) % every == 0 or step + 1 == steps:
             with torch.no_grad():
                 right = sum(int((logits(p).argmax(-1) == t)[t >= 0].sum()) for p, t in held)
-            accuracies.append(right / sum(int((t >= 0).sum()) for _, t in held))
+            accuracies.append(right / labelled)
             print(f"step {step + 1} {time.perf_counter() - t0:.0f}s loss {loss.item():.3f} "
                   f"held-out accuracy {accuracies[-1]:.2f}", flush=True)  # fmt: skip
     return accuracies

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.model import Phi3VForCausalLM
-from phi3v.pocket.data import FACTS, TASKS, questions
+from phi3v.pocket.data import TASKS, questions
 from phi3v.pocket.evaluate import HELD_OUT_SEED
 from phi3v.pocket.train import (
     NUM_CROPS, fact_loss, fact_probe, fact_targets, init_weights, lr_at, optimizer, pocket_config,
