@@ -150,14 +150,14 @@ def test_trained_tokenizer_keeps_words_whole_and_digits_apart(tmp_path):
 
 
 def test_training_step_learns_a_fixed_batch(tmp_path):
-    """The training path (multi-turn conversations, per-task micro-batches, answer and fact losses through
-    the inference model's own forward code) can fit a batch."""
+    """The training path (multi-turn conversations, per-task micro-batches, answer, fact and patch losses
+    through the inference model's own forward code) can fit a batch."""
     import torch
 
     from phi3v.model import Phi3VForCausalLM
     from phi3v.pocket.train import (
-        IGNORE, build_tokenizer, collate, conversation, init_weights, micro_batches, param_groups, pocket_config,
-        train_step,
+        IGNORE, Probes, build_tokenizer, collate, conversation, init_weights, micro_batches, param_groups,
+        pocket_config, train_step,
     )  # fmt: skip
 
     torch.manual_seed(0)
@@ -173,8 +173,8 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     learned = tok.decode([int(t) for t in b["labels"][0] if t not in (IGNORE, tok.end_token_id)])
     assert learned.replace(" ", "") == "".join(ex.answer for ex in convs[0]).replace(" ", "")
     assert int((b["labels"][0] == tok.end_token_id).sum()) == len(convs[0]) > 1  # every turn is learned
-    probe = torch.nn.Linear(cfg.text.hidden_size, len(FACTS))
-    opt = torch.optim.AdamW(param_groups(model, 3e-3) + [{"params": list(probe.parameters()), "lr": 3e-3}])
+    probes = Probes(cfg)
+    opt = torch.optim.AdamW(param_groups(model, 3e-3) + [{"params": list(probes.parameters()), "lr": 3e-3}])
     weight = model.model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight
     patch = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
     assert patch["lr"] < 3e-3 / 10  # the 5292-input patch embedding learns at a scaled-down rate
@@ -183,16 +183,17 @@ def test_training_step_learns_a_fixed_batch(tmp_path):
     history = []
     for _ in range(15):
         opt.zero_grad()
-        history.append(train_step(model, probe, batches))
+        history.append(train_step(model, probes, batches, patch_weight=1.0))
         opt.step()
-    (lm0, aux0), (lm, aux) = history[0], history[-1]
-    assert lm < 0.5 * lm0 and aux < 0.5 * aux0, history
+    (lm0, aux0, dense0), (lm, aux, dense) = history[0], history[-1]
+    assert lm < 0.5 * lm0 and aux < 0.5 * aux0 and dense < 0.5 * dense0, history
     # --bf16: the same step under bfloat16 autocast computes the same losses to bf16's precision
     opt.zero_grad()
-    exact = train_step(model, probe, batches)
+    exact = train_step(model, probes, batches)
     opt.zero_grad()
-    autocast = train_step(model, probe, batches, bf16=True)
+    autocast = train_step(model, probes, batches, bf16=True)
     assert autocast != exact and autocast == pytest.approx(exact, rel=0.05)
+    assert exact[2] > 0 and probes.patches.weight.grad is None  # the patch loss is reported, not learned, at weight 0
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)  # master weights and their gradients stay float32
 
@@ -258,3 +259,132 @@ def test_glyph_targets_sit_on_the_ink_and_the_probe_trains():
     pixels, targets = batch(rng, 2, 42, 0, (40, 70))
     assert pixels.shape == (2, 3, 336, 336) and targets.shape == (2, 64)
     assert len(run(steps=2, images=2, every=1, ramp=2)) == 2  # the shift grows 0, 10 px, then held-out at 20
+
+
+def _pixels(img):
+    import numpy as np
+
+    return np.asarray(img.convert("RGB"), dtype=np.int64)
+
+
+def _runs(row) -> str:
+    """The characters a row of a label map crosses, left to right (a repeated class counts once)."""
+    from phi3v.pocket.data import PIXEL_CLASSES
+
+    out = [PIXEL_CLASSES[v] for i, v in enumerate(row) if v and (i == 0 or row[i - 1] != v)]
+    return _single("".join(out))
+
+
+def _single(text: str) -> str:
+    """`text` with each run of one character written once ("apple" -> "aple")."""
+    return "".join(c for i, c in enumerate(text) if i == 0 or text[i - 1] != c)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shape_label_maps_hold_each_shape_where_it_is_drawn(seed):
+    """Each image's label map (the tower's per-patch target, train.patch_targets): a shape's pixels hold
+    its class exactly where the image shows its colour, and nothing else is labelled."""
+    import numpy as np
+
+    from phi3v.pocket.data import PIXEL_CLASSES
+
+    rng = random.Random(seed)
+    for task in ("shapes", "change"):
+        ex = questions(task, rng)[0]
+        assert len(ex.label_maps) == len(ex.images)
+        for img, label_map, facts in zip(ex.images, ex.label_maps, ex.facts):
+            px, lab = _pixels(img), np.asarray(label_map)
+            assert ((lab > 0) == (np.abs(px - px[0, 0]).sum(-1) > 0)).all()  # labelled exactly where drawn
+            names = {PIXEL_CLASSES[i] for i in np.unique(lab)} - {""}
+            assert names == {f for f in facts if not f.endswith(" shapes")}
+            for name in names:
+                assert (px[lab == PIXEL_CLASSES.index(name)] == COLOURS[name.split()[0]]).all(), (task, name)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chart_label_maps_mark_the_bars_and_read_their_labels(seed):
+    import numpy as np
+
+    from phi3v.pocket.data import PIXEL_CLASSES
+
+    tallest, *values = chart(random.Random(seed))
+    px, lab = _pixels(tallest.images[0]), np.asarray(tallest.label_maps[0])
+    bar = lab == PIXEL_CLASSES.index("bar")
+    colour = px[bar][0]
+    assert ((px == colour).all(-1) == bar).all()  # every pixel of the bars' colour, and no other, is a bar
+    assert "ABCDE"[: len(values)] in {_runs(row) for row in lab}  # the letters under the bars, left to right
+    for v in values:  # each bar's value sits right above it, and its letter right below it
+        letter = v.question.removeprefix("What is the value of bar ").removesuffix("?")
+        ys, xs = np.nonzero(lab == PIXEL_CLASSES.index(v.answer))
+        ly, lx = np.nonzero(lab == PIXEL_CLASSES.index(letter))
+        assert abs(xs.mean() - lx.mean()) < 4, (letter, v.answer)
+        column = bar[:, int(xs.mean())]
+        assert column.any() and ys.max() < np.argmax(column) < ly.min(), (letter, v.answer)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ocr_label_boxes_spell_the_text(seed):
+    """Each character's box holds that character: read along the rows of the label map, each word is
+    spelled in order, and nearly all ink lies in some box."""
+    import numpy as np
+
+    ex = ocr(random.Random(seed))[0]
+    px, lab = _pixels(ex.images[0]), np.asarray(ex.label_maps[0])
+    ink = np.abs(px - px[0, 0]).sum(-1) > 100
+    assert (lab[ink] > 0).mean() > 0.97
+    rows = [_runs(row) for row in lab]
+    for word in ex.answer.split():
+        assert any(_single(word) in r for r in rows), (word, ex.answer)
+
+
+@pytest.mark.parametrize("num_crops", [1, 4])
+def test_patch_targets_follow_the_image_processor(num_crops):
+    """A patch's target names what the crop the tower sees shows at the patch's centre: read back from the
+    processor's own normalised crops (global view first, then the tiles), the colours agree."""
+    import numpy as np
+    import torch
+
+    from phi3v.image_processor import CLIP_MEAN, CLIP_STD, preprocess
+    from phi3v.pocket.data import PIXEL_CLASSES
+    from phi3v.pocket.train import patch_targets
+
+    rng, agree, total = random.Random(4), [0, 0], [0, 0]  # background, shapes
+    for _ in range(6):
+        ex = questions("shapes", rng)[0]
+        inputs = preprocess(ex.images, num_crops, side=4)
+        crops = inputs.pixel_values[0, : 1 + num_crops]
+        targets = patch_targets(ex.label_maps, inputs.image_sizes, grid=8)
+        assert targets.shape == (len(crops), 64)
+        centres = crops[:, :, 21::42, 21::42].permute(0, 2, 3, 1) * torch.tensor(CLIP_STD) + torch.tensor(CLIP_MEAN)
+        rgb = (centres.reshape(len(crops), 64, 3) * 255).numpy()
+        background = _pixels(ex.images[0])[0, 0]
+        for c in range(len(crops)):
+            for p in range(64):
+                name = PIXEL_CLASSES[int(targets[c, p])]
+                want = COLOURS[name.split()[0]] if name else background
+                agree[bool(name)] += int(np.abs(rgb[c, p] - want).sum() < 30)
+                total[bool(name)] += 1
+    assert total[1] > 50 and agree[0] / total[0] > 0.97 and agree[1] / total[1] > 0.95, (agree, total)
+
+
+def test_collated_patch_targets_match_the_crops():
+    """Every real crop of a micro-batch (a two-image conversation: 2 x 5 crops) gets a row of targets, and
+    inputs the targets cannot describe are refused."""
+    from PIL import Image
+
+    from phi3v.pocket import FOLDER
+    from phi3v.pocket.train import collate, conversation, patch_targets, pocket_config, train
+    from phi3v.prompt import Tokenizer
+
+    rng = random.Random(2)
+    tok = Tokenizer.from_dir(FOLDER)
+    b = collate(tok, [conversation("change", rng), conversation("change", rng)], side=4)
+    assert b["patch_targets"].shape == (4 * 5, 64) and b["patch_targets"].max() > 0
+    with pytest.raises(ValueError, match="square"):
+        patch_targets([Image.new("L", (336, 200))], b["image_sizes"][:1], grid=8)
+    with pytest.raises(ValueError, match="even number"):
+        pocket_config(640, 0, patch=40)
+    with pytest.raises(ValueError, match="--mix"):
+        train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, mix=(1, 1, 1, 0, 1))
+    with pytest.raises(ValueError, match="--mix"):
+        train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, mix=(3, 1, 1, 1))

@@ -41,6 +41,7 @@ class ImageEmbedding(nn.Module):
     def __init__(self, cfg: Phi3VConfig):
         super().__init__()
         c4 = 4 * cfg.vision.hidden_size
+        self.crop = cfg.vision.image_size
         self.img_processor = CLIPVisionModel(cfg.vision)
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, c4))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, c4))
@@ -54,12 +55,29 @@ class ImageEmbedding(nn.Module):
 
         Only real crops go through CLIP, all images' crops in one batch; padded slots are skipped (spec §5.5).
         """
-        crop = pixel_values.shape[-1]
-        grids = [(int(h) // crop, int(w) // crop) for h, w in image_sizes.tolist()]
-        crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])
-        merged = merge_2x2(self.img_processor(crops))  # (sum(1 + h*w), 12, 12, 4C)
+        return self.encode(pixel_values, image_sizes)[0]
+
+    def encode(self, pixel_values: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward`'s image tokens, and the CLIP patch features they came from: (sum of crops, P, C) for the
+        P patches of each real crop, in `real_crops` order (training reads them; spec §4.2)."""
+        patches = self.img_processor(self.real_crops(pixel_values, image_sizes))
+        return self.project(patches, image_sizes), patches
+
+    def crop_grids(self, image_sizes: Tensor) -> list[tuple[int, int]]:
+        """Each image's tile grid (rows, columns); its real crops are the global view and these tiles."""
+        return [(int(h) // self.crop, int(w) // self.crop) for h, w in image_sizes.tolist()]
+
+    def real_crops(self, pixel_values: Tensor, image_sizes: Tensor) -> Tensor:
+        """All images' real crops, global view first and then the tiles row-major, image after image."""
+        grids = self.crop_grids(image_sizes)
+        return torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(grids)])
+
+    def project(self, patches: Tensor, image_sizes: Tensor) -> Tensor:
+        """CLIP patch features of every image's real crops (sum(1 + h*w), P, C), in `real_crops` order ->
+        image tokens (sum of T_img, hidden): 2x2 merge, HD transform with separators, projector."""
+        merged = merge_2x2(patches)  # (sum(1 + h*w), 12, 12, 4C)
         seqs, start = [], 0
-        for h, w in grids:
+        for h, w in self.crop_grids(image_sizes):
             seqs.append(hd_feature_transform(merged[start : start + 1 + h * w], h, w, self.sub_GN, self.glb_GN))
             start += 1 + h * w
         x = torch.cat(seqs)

@@ -8,7 +8,9 @@ Four families, the uses people put Phi-3-Vision to, shrunk to what a small model
 
 `questions(task, rng)` draws one scene and returns every question it answers (training asks several in
 one conversation: many answers per image encoded); `sample(task, rng)` picks one of them. Answers are
-canonical strings, so accuracy is exact match.
+canonical strings, so accuracy is exact match. Each image comes with a label map (`Example.label_maps`):
+what every pixel shows, a character's box, a shape or a bar, as an index into PIXEL_CLASSES; training
+reads it under each patch of the vision tower (`train.patch_targets`).
 
 Some questions are drills (`Example.drill`): training-only questions that break a hard answer into the
 facts it rests on (which shape is the red one, the first word, what each image of a pair shows). They are
@@ -43,6 +45,10 @@ FACTS = (
     *(f"{n} words" for n in range(1, 5)),
 )  # fmt: skip
 BACKGROUNDS = ((255, 255, 255), (245, 240, 225), (225, 235, 245), (235, 235, 235), (250, 230, 230))
+# What each pixel shows, for the tower's per-patch target: 0 is background, then a character's box, a shape
+# by colour and kind, a bar.
+PIXEL_CLASSES = ("", *"abcdefghijklmnopqrstuvwxyz0123456789ABCDE", *(f"{c} {k}" for c in COLOURS for k in SHAPES), "bar")
+PIXEL_CLASS = {name: i for i, name in enumerate(PIXEL_CLASSES)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Example:
     answer: str
     kind: str = ""  # the question type inside the task, for per-type accuracy
     facts: tuple[frozenset[str], ...] = field(default=(), compare=False)  # per image, names from FACTS
+    # Per image, an "L" image of PIXEL_CLASSES indices: what each pixel shows (training only).
+    label_maps: tuple[Image.Image, ...] = field(default=(), compare=False, repr=False)
     drill: bool = False  # a training-only question (never sampled for evaluation)
 
 
@@ -77,9 +85,22 @@ def dataset(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[Example]:
     return [sample(tasks[i % len(tasks)], rng) for i in range(n)]
 
 
-def _canvas(rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+def _canvas(rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw, Image.Image, ImageDraw.ImageDraw]:
+    """An image with a random background, and its blank label map."""
     img = Image.new("RGB", (SIZE, SIZE), rng.choice(BACKGROUNDS))
-    return img, ImageDraw.Draw(img)
+    label_map = Image.new("L", (SIZE, SIZE), 0)
+    return img, ImageDraw.Draw(img), label_map, ImageDraw.Draw(label_map)
+
+
+def _label_text(mark: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, anchor: str = "la") -> None:
+    """Mark the ink box of each character of `text`, drawn at `xy` as `draw.text` places it, with the
+    character's class; spaces stay background. Centred anchors are for single characters only."""
+    if anchor[0] != "l" and len(text) > 1:
+        raise ValueError("a centred anchor places a string's characters only as a whole")
+    for i, ch in enumerate(text):
+        if ch != " ":
+            box = mark.textbbox((xy[0] + font.getlength(text[:i]), xy[1]), ch, font=font, anchor=anchor)
+            mark.rectangle(box, fill=PIXEL_CLASS[ch])
 
 
 # --- OCR -------------------------------------------------------------------------------------------------
@@ -89,7 +110,7 @@ def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
     n = n_words or rng.randint(1, 4)
     words = [rng.choice(WORDS) if rng.random() < 0.75 else str(rng.randint(0, 999)) for _ in range(n)]
     text = " ".join(words)
-    img, draw = _canvas(rng)
+    img, draw, label_map, mark = _canvas(rng)
     colour = rng.choice(INK)
     # A random size, shrunk until the wrapped lines fit: small text must be read too.
     size = rng.randint(22, 56)
@@ -105,15 +126,16 @@ def ocr(rng: random.Random, n_words: int | None = None) -> list[Example]:
         w = draw.textlength(line, font=font)
         x = rng.randint(12, max(12, int(SIZE - 12 - w)))
         draw.text((x, y), line, fill=colour, font=font)
+        _label_text(mark, (x, y), line, font)
         y += int(size * 1.3)
     facts = {f"{n} words"} | {f"word {w}" for w in words if not w.isdigit()}
     facts |= {f"char {c}" for c in text if c.isdigit()}
-    f = (frozenset(facts),)
-    drills = [Example("ocr", [img], "How many words are there?", str(n), "words", f, drill=True)]
+    f, m = (frozenset(facts),), (label_map,)
+    drills = [Example("ocr", [img], "How many words are there?", str(n), "words", f, m, drill=True)]
     if n > 1:  # single words out of the line: where reading starts and ends
-        drills += [Example("ocr", [img], "What is the first word?", words[0], "first", f, drill=True),
-                   Example("ocr", [img], "What is the last word?", words[-1], "last", f, drill=True)]  # fmt: skip
-    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", f), *drills]
+        drills += [Example("ocr", [img], "What is the first word?", words[0], "first", f, m, drill=True),
+                   Example("ocr", [img], "What is the last word?", words[-1], "last", f, m, drill=True)]  # fmt: skip
+    return [Example("ocr", [img], "What text is written in the image?", text, f"{n}w", f, m), *drills]
 
 
 def _wrap(words: list[str], font: ImageFont.FreeTypeFont, width: int) -> list[str]:
@@ -159,9 +181,20 @@ def random_scene(rng: random.Random, n: int | None = None) -> list[Shape]:
 
 def draw_scene(scene: list[Shape], background: tuple[int, int, int]) -> Image.Image:
     img = Image.new("RGB", (SIZE, SIZE), background)
-    draw = ImageDraw.Draw(img)
+    _draw_shapes(ImageDraw.Draw(img), scene, lambda s: COLOURS[s.colour])
+    return img
+
+
+def scene_labels(scene: list[Shape]) -> Image.Image:
+    """The scene's label map: each shape's pixels hold its PIXEL_CLASSES index."""
+    label_map = Image.new("L", (SIZE, SIZE), 0)
+    _draw_shapes(ImageDraw.Draw(label_map), scene, lambda s: PIXEL_CLASS[s.name])
+    return label_map
+
+
+def _draw_shapes(draw: ImageDraw.ImageDraw, scene: list[Shape], fill_of) -> None:
     for s in scene:
-        fill = COLOURS[s.colour]
+        fill = fill_of(s)
         box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
         if s.kind == "circle":
             draw.ellipse(box, fill=fill)
@@ -169,7 +202,6 @@ def draw_scene(scene: list[Shape], background: tuple[int, int, int]) -> Image.Im
             draw.rectangle(box, fill=fill)
         else:
             draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
-    return img
 
 
 def describe(scene: list[Shape]) -> str:
@@ -183,15 +215,15 @@ def shapes(rng: random.Random) -> list[Example]:
     scene = random_scene(rng)
     img = draw_scene(scene, rng.choice(BACKGROUNDS))
     kinds = [s.kind for s in scene]
-    f = (scene_facts(scene),)
-    qs = [Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count", f)]
+    f, m = (scene_facts(scene),), (scene_labels(scene),)
+    qs = [Example("shapes", [img], "How many shapes are there?", str(len(scene)), "count", f, m)]
     for kind in (k for k in SHAPES if kinds.count(k) == 1):
         colour = next(s.colour for s in scene if s.kind == kind)
-        qs.append(Example("shapes", [img], f"What colour is the {kind}?", colour, "colour", f))
-    qs.append(Example("shapes", [img], "Describe the image.", describe(scene), "describe", f))
+        qs.append(Example("shapes", [img], f"What colour is the {kind}?", colour, "colour", f, m))
+    qs.append(Example("shapes", [img], "Describe the image.", describe(scene), "describe", f, m))
     # The kind of each uniquely coloured shape: no other question's answer is a kind on its own.
     colours = [s.colour for s in scene]
-    return qs + [Example("shapes", [img], f"What shape is the {s.colour} one?", s.kind, "shape", f, drill=True)
+    return qs + [Example("shapes", [img], f"What shape is the {s.colour} one?", s.kind, "shape", f, m, drill=True)
                  for s in scene if colours.count(s.colour) == 1]  # fmt: skip
 
 
@@ -208,7 +240,7 @@ def chart(rng: random.Random) -> list[Example]:
     n = rng.randint(3, 5)
     labels = "ABCDE"[:n]
     values = rng.sample(range(1, 10), n)  # distinct, so "tallest" has one answer
-    img, draw = _canvas(rng)
+    img, draw, label_map, mark = _canvas(rng)
     font = ImageFont.load_default(size=22)
     base, top, left = SIZE - 40, 40, 30
     slot = (SIZE - 2 * left) // n
@@ -219,13 +251,16 @@ def chart(rng: random.Random) -> list[Example]:
         x1 = left + (i + 1) * slot - slot // 5
         y = base - (base - top) * v // 9
         draw.rectangle((x0, y, x1, base), fill=colour)
+        mark.rectangle((x0, y, x1, base), fill=PIXEL_CLASS["bar"])
         cx = (x0 + x1) // 2
-        draw.text((cx, base + 4), lab, fill=(0, 0, 0), font=font, anchor="mt")
-        draw.text((cx, y - 4), str(v), fill=(0, 0, 0), font=font, anchor="mb")
+        for text, xy, anchor in ((lab, (cx, base + 4), "mt"), (str(v), (cx, y - 4), "mb")):
+            draw.text(xy, text, fill=(0, 0, 0), font=font, anchor=anchor)
+            _label_text(mark, xy, text, font, anchor)
     top = labels[values.index(max(values))]
     f = (frozenset({f"bar {lab} {v}" for lab, v in zip(labels, values)} | {f"tallest {top}", f"{n} bars"}),)
-    tallest = Example("chart", [img], "Which bar is the tallest?", top, "tallest", f)
-    return [tallest] + [Example("chart", [img], f"What is the value of bar {lab}?", str(v), "value", f)
+    m = (label_map,)
+    tallest = Example("chart", [img], "Which bar is the tallest?", top, "tallest", f, m)
+    return [tallest] + [Example("chart", [img], f"What is the value of bar {lab}?", str(v), "value", f, m)
                         for lab, v in zip(labels, values)]  # fmt: skip
 
 
@@ -259,9 +294,9 @@ def change(rng: random.Random) -> list[Example]:
         after = [s for s in scene if s is not t]
         answer = f"the {t.name} was removed"
     images = [draw_scene(scene, background), draw_scene(after, background)]
-    facts = (scene_facts(scene), scene_facts(after))
-    drills = [Example("change", images, f"How many shapes are in the {nth} image?", str(len(sc)), "count", facts, drill=True)
+    facts, m = (scene_facts(scene), scene_facts(after)), (scene_labels(scene), scene_labels(after))
+    drills = [Example("change", images, f"How many shapes are in the {nth} image?", str(len(sc)), "count", facts, m, drill=True)
               for nth, sc in (("first", scene), ("second", after))]  # fmt: skip
-    drills += [Example("change", images, f"Describe the {nth} image.", describe(sc), "describe", facts, drill=True)
+    drills += [Example("change", images, f"Describe the {nth} image.", describe(sc), "describe", facts, m, drill=True)
                for nth, sc in (("first", scene), ("second", after))]  # fmt: skip
-    return [Example("change", images, "What changed between the two images?", answer, how, facts), *drills]
+    return [Example("change", images, "What changed between the two images?", answer, how, facts, m), *drills]

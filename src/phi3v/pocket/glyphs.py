@@ -18,7 +18,6 @@ import argparse
 import random
 import string
 import time
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +62,7 @@ def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, i
     """Train the tower and head for `steps`, the shift growing from 0 to `jitter` over the first `ramp` steps;
     returns the held-out accuracy (at the full `jitter`) every `every` steps."""
     torch.manual_seed(seed)
-    cfg = pocket_config(640, 0)
-    cfg = replace(cfg, vision=replace(cfg.vision, patch_size=patch))
-    cfg = replace(cfg, num_img_tokens=cfg.vision.tokens_per_side**2)
+    cfg = pocket_config(640, 0, patch)
     model = Phi3VForCausalLM(cfg)
     init_weights(model, seed)
     tower = model.model.vision_embed_tokens.img_processor

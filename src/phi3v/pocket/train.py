@@ -1,6 +1,8 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--steps 3400] [--low-res-steps 2300] [--drills] [--bf16] [--norm-probe] [--vision-lr 1] [--out src/phi3v/pocket/weights] [--seed 0]
+    python -m phi3v.pocket.train [--steps 3400] [--low-res-steps 2300] [--patch-weight 0] [--patch 42]
+                                 [--mix 1 1 1 1] [--drills] [--bf16] [--norm-probe] [--vision-lr 1]
+                                 [--out src/phi3v/pocket/weights] [--seed 0]
 
 Fixed seed, reproducible on the same machine and thread count; progress with loss and ETA on stderr.
 Data is generated on the fly (phi3v.pocket.data), one fresh batch per step: nothing is downloaded and
@@ -19,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -30,7 +33,7 @@ from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.language import AttentionInputs
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket import FOLDER
-from phi3v.pocket.data import FACTS, TASKS, Example, dataset, questions
+from phi3v.pocket.data import FACTS, PIXEL_CLASSES, TASKS, Example, dataset, questions
 from phi3v.prompt import Tokenizer, build_input_ids, chat_prompt
 from phi3v.rope import cos_sin
 
@@ -38,11 +41,16 @@ NUM_CROPS = 4  # a square image becomes a 2x2 grid of tiles plus the global view
 IGNORE = -100
 MAX_TURNS = 6  # questions per training conversation
 AUX_WEIGHT = 0.1  # of the per-image fact loss (a sum over FACTS) against the per-token answer loss
+PATCH = 42  # the shipped tower's patch size (px of a 336 px crop)
+EVEN_MIX = (1,) * len(TASKS)  # conversations of each task per len(TASKS) of a batch
 
 
-def pocket_config(vocab_size: int, pad_token_id: int) -> Phi3VConfig:
+def pocket_config(vocab_size: int, pad_token_id: int, patch: int = PATCH) -> Phi3VConfig:
     """Phi-3-V's structure, shrunk: 8x8 patches of 42 px per 336 px crop (16 merged tokens per crop, 93 per
-    image), a 4-layer CLIP-style tower and a 4-layer su-RoPE decoder."""
+    image; `patch` px patches give (168 / patch)^2 per crop), a 4-layer CLIP-style tower and a 4-layer
+    su-RoPE decoder."""
+    if 336 % patch or (336 // patch) % 2:
+        raise ValueError(f"--patch {patch}: the patch size must divide 336 px into an even number of patches")
     half = 32  # head_dim / 2
     text = TextConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -50,7 +58,8 @@ def pocket_config(vocab_size: int, pad_token_id: int) -> Phi3VConfig:
         short_factor=(1.0,) * half, long_factor=tuple(1.0 + 7.0 * i / (half - 1) for i in range(half)),
         pad_token_id=pad_token_id,
     )  # fmt: skip
-    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, patch_size=42)
+    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          patch_size=patch)  # fmt: skip
     return Phi3VConfig(text=text, vision=vision, num_img_tokens=vision.tokens_per_side**2)
 
 
@@ -101,11 +110,12 @@ def param_groups(model: Phi3VForCausalLM, lr: float, weight_decay: float = 0.01,
     return [{"params": ps, "lr": rate, "base_lr": rate, "weight_decay": wd} for (rate, wd), ps in groups.items()]
 
 
-def optimizer(model: Phi3VForCausalLM, probe: nn.Module, lr: float, vision_lr: float = 1.0,
+def optimizer(model: Phi3VForCausalLM, probes: nn.Module, lr: float, vision_lr: float = 1.0,
               patch_lr_scale: float | None = None) -> torch.optim.AdamW:  # fmt: skip
-    """AdamW over `param_groups` and the fact probe, which learns at the vision path's rate, without decay."""
+    """AdamW over `param_groups` and the training-only probes (`Probes`, or a fact probe alone), which learn
+    at the vision path's rate, without decay."""
     rate = lr * vision_lr
-    probe_group = {"params": list(probe.parameters()), "lr": rate, "base_lr": rate, "weight_decay": 0.0}
+    probe_group = {"params": list(probes.parameters()), "lr": rate, "base_lr": rate, "weight_decay": 0.0}
     groups = param_groups(model, lr, vision_lr=vision_lr, patch_lr_scale=patch_lr_scale)
     return torch.optim.AdamW(groups + [probe_group], betas=(0.9, 0.95))
 
@@ -141,9 +151,37 @@ def fact_targets(facts: list[frozenset[str]]) -> Tensor:
     return out
 
 
+def patch_targets(label_maps: list, image_sizes: Tensor, grid: int, crop: int = 336) -> Tensor:
+    """What lies under the centre of each patch of every real crop (`ImageEmbedding.real_crops` order: per
+    image the global view, then the tiles row-major), as PIXEL_CLASSES indices: (sum of crops, grid * grid).
+
+    The generated images are square, so the HD transform only scales them (spec §5.1): a tile at row r,
+    column c of the (h, w) HD image covers [r * crop, (r + 1) * crop) there, the global view the whole image.
+    """
+    centres = (torch.arange(grid) + 0.5) * (crop / grid)  # in crop pixels
+    out = []
+    for label_map, (h, w) in zip(label_maps, image_sizes.tolist(), strict=True):
+        size = label_map.size[0]
+        if label_map.size != (size, size) or h != w:
+            raise ValueError("patch targets are defined for square images only")
+        labels = torch.from_numpy(np.asarray(label_map, dtype=np.int64))
+        out.append(_labels_at(labels, centres * size / crop, centres * size / crop))  # the global view
+        scale = size / h  # label-map pixels per HD-image pixel
+        out += [_labels_at(labels, (r * crop + centres) * scale, (c * crop + centres) * scale)
+                for r in range(h // crop) for c in range(w // crop)]  # fmt: skip
+    return torch.stack(out)
+
+
+def _labels_at(labels: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
+    """The classes at every (y, x) of a grid of label-map coordinates, row-major."""
+    iy = ys.long().clamp_(0, labels.shape[0] - 1)
+    ix = xs.long().clamp_(0, labels.shape[1] - 1)
+    return labels[iy[:, None], ix[None, :]].reshape(-1)
+
+
 def collate(tok: Tokenizer, convs: list[list[Example]], side: int, num_crops: int = NUM_CROPS) -> dict[str, Tensor]:
     """Right-padded ids and labels; every image's crops stacked in conversation order, with its image-token
-    count and its facts (multi-hot over FACTS)."""
+    count, its facts (multi-hot over FACTS) and what lies under each of its crops' patches (`patch_targets`)."""
     rows = [encode(tok, turns, side, num_crops) for turns in convs]
     facts = fact_targets([f for turns in convs for f in turns[0].facts])
     width = max(len(r[0]) for r in rows)
@@ -154,8 +192,9 @@ def collate(tok: Tokenizer, convs: list[list[Example]], side: int, num_crops: in
     pixels = torch.cat([r[2] for r in rows])
     sizes = torch.cat([r[3] for r in rows])
     counts = [num_image_tokens(int(h), int(w), side) for h, w in sizes.tolist()]
+    patches = patch_targets([m for turns in convs for m in turns[0].label_maps], sizes, 2 * side)
     return {"ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": sizes, "facts": facts,
-            "image_tokens": counts}  # fmt: skip
+            "image_tokens": counts, "patch_targets": patches}  # fmt: skip
 
 
 def fact_probe(hidden: int, normed: bool = False) -> nn.Module:
@@ -179,17 +218,38 @@ def fact_loss(probe: nn.Module, feats: Tensor, counts: list[int], targets: Tenso
     return F.binary_cross_entropy_with_logits(probe(pooled), targets, reduction="none").sum(1)
 
 
-def losses(model: Phi3VForCausalLM, probe: nn.Module, b: dict) -> tuple[Tensor, Tensor]:
-    """Next-token cross-entropy of every answer token, and each image's summed fact loss, both unreduced.
+class Probes(nn.Module):
+    """The training-only heads on the vision path (not part of the shipped model): `facts` reads each image's
+    mean projected token (`fact_probe`), `patches` each CLIP patch feature, layer-normed (`patch_loss`)."""
 
-    The fact loss is the vision tower's own pretraining (Phi-3-V's tower came pretrained, by CLIP): a linear
-    probe on the mean of an image's projected tokens predicts what the image shows. Without it the tower
-    learns through the decoder's attention alone, and in 160 steps a one-shape colour question stayed near
-    chance (loss 2.1 -> 1.8); with it the same run learned it (loss 2.1 -> 0.6). The probe is not part of
-    the shipped model.
+    def __init__(self, cfg: Phi3VConfig, norm_probe: bool = False):
+        super().__init__()
+        self.facts = fact_probe(cfg.text.hidden_size, norm_probe)
+        self.patches = nn.Linear(cfg.vision.hidden_size, len(PIXEL_CLASSES))
+
+
+def patch_loss(head: nn.Module, patches: Tensor, targets: Tensor) -> Tensor:
+    """Each crop's mean cross-entropy of naming what lies under each patch's centre (`patch_targets`).
+
+    Dense targets teach the tower where things are and what they look like patch by patch, which the
+    per-image facts cannot: with 42 px patches a glyph is learned at a fixed place in its patch in a few
+    hundred steps but hardly at a free one (`phi3v.pocket.glyphs`)."""
+    logits = head(F.layer_norm(patches, patches.shape[-1:]))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
+
+
+def losses(model: Phi3VForCausalLM, probes: Probes, b: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Next-token cross-entropy of every answer token, each image's summed fact loss and each crop's patch
+    loss, all unreduced.
+
+    The fact and patch losses are the vision tower's own pretraining (Phi-3-V's tower came pretrained, by
+    CLIP). Without them the tower learns through the decoder's attention alone, and in 160 steps a one-shape
+    colour question stayed near chance (loss 2.1 -> 1.8); with the fact probe the same run learned it (loss
+    2.1 -> 0.6). The probes are not part of the shipped model.
     """
-    feats = model.encode_images(b["pixel_values"], b["image_sizes"])
-    aux = fact_loss(probe, feats, b["image_tokens"], b["facts"])
+    feats, patches = model.model.vision_embed_tokens.encode(b["pixel_values"], b["image_sizes"])
+    aux = fact_loss(probes.facts, feats, b["image_tokens"], b["facts"])
+    dense = patch_loss(probes.patches, patches, b["patch_targets"])
     x = model.embed(b["ids"], feats)
     B, T = b["ids"].shape
     pos = torch.arange(T).expand(B, T)
@@ -197,7 +257,7 @@ def losses(model: Phi3VForCausalLM, probe: nn.Module, b: dict) -> tuple[Tensor, 
     h = model.decode_layers(x, AttentionInputs(cos, sin, None, pos))
     target = b["labels"][:, 1:]
     keep = target != IGNORE
-    return F.cross_entropy(model.logits(h[:, :-1][keep]), target[keep], reduction="none"), aux
+    return F.cross_entropy(model.logits(h[:, :-1][keep]), target[keep], reduction="none"), aux, dense
 
 
 def conversation(task: str, rng: random.Random, max_turns: int = MAX_TURNS, drills: bool = False) -> list[Example]:
@@ -220,19 +280,23 @@ def micro_batches(tok: Tokenizer, convs: list[list[Example]], side: int, num_cro
     return [collate(tok, g, side, num_crops) for g in groups.values()]
 
 
-def train_step(model: Phi3VForCausalLM, probe: nn.Module, batches: list[dict], bf16: bool = False) -> tuple[float, float]:
-    """Accumulate the gradient of (mean answer-token loss + AUX_WEIGHT * mean fact loss per image) over
-    `batches` (a step's `micro_batches`), with bfloat16 autocast if `bf16`. Returns the two means."""
+def train_step(model: Phi3VForCausalLM, probes: Probes, batches: list[dict], bf16: bool = False,
+               patch_weight: float = 0.0) -> tuple[float, float, float]:  # fmt: skip
+    """Accumulate the gradient of (mean answer-token loss + AUX_WEIGHT * mean fact loss per image +
+    `patch_weight` * mean patch loss per crop) over `batches` (a step's `micro_batches`), with bfloat16
+    autocast if `bf16`. Returns the three means (the patch loss is measured at weight 0 too, untrained)."""
     tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
     images = sum(len(b["image_tokens"]) for b in batches)
-    lm_total = aux_total = 0.0
+    crops = sum(len(b["patch_targets"]) for b in batches)
+    totals = [0.0, 0.0, 0.0]
     for b in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            lm, aux = losses(model, probe, b)
-        lm, aux = lm.float().sum() / tokens, aux.float().sum() / images
-        (lm + AUX_WEIGHT * aux).backward()
-        lm_total, aux_total = lm_total + lm.item(), aux_total + aux.item()
-    return lm_total, aux_total
+            lm, aux, dense = losses(model, probes, b)
+        lm, aux, dense = lm.float().sum() / tokens, aux.float().sum() / images, dense.float().sum() / crops
+        loss = lm + AUX_WEIGHT * aux
+        (loss + patch_weight * dense if patch_weight else loss).backward()  # weight 0: the head gets no grad
+        totals = [t + x.item() for t, x in zip(totals, (lm, aux, dense))]
+    return tuple(totals)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
@@ -255,31 +319,37 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
 def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
     vision_lr: float = 1.0, low_res_steps: int = 0, bf16: bool = False, drills: bool = False,
-    norm_probe: bool = False,
+    norm_probe: bool = False, patch: int = PATCH, patch_weight: float = 0.0, mix: tuple[int, ...] = EVEN_MIX,
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. The vision path and the fact
     probe learn at `vision_lr` times `lr`. The first `low_res_steps` steps show the images at num_crops=1
     (one tile and the global view: a step costs about half), the rest at NUM_CROPS. `bf16`: bfloat16
     autocast; `drills`: the training-only questions too (`data.Example.drill`); `norm_probe`: the fact probe
-    reads layer-normed features (`fact_probe`). Returns pocket.json's content."""
+    reads layer-normed features (`fact_probe`); `patch`: the tower's patch size; `patch_weight`: of the
+    per-patch loss (`patch_loss`; 0: none); `mix`: conversations of each of TASKS per `sum(mix)` of a batch.
+    Returns pocket.json's content."""
     from tqdm import tqdm
 
+    if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) == 0 or batch_size % sum(mix):
+        raise ValueError(f"--mix {' '.join(map(str, mix))}: one count per task ({', '.join(TASKS)}), none "
+                         f"negative, adding up to a divisor of the batch size {batch_size}")  # fmt: skip
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, seed, drills)
     vocab = -(-tok.vocab_size // 64) * 64  # padded like Phi-3's 32064
-    cfg = pocket_config(vocab, tok.pad_token_id)
+    cfg = pocket_config(vocab, tok.pad_token_id, patch)
     model = Phi3VForCausalLM(cfg)
     init_weights(model, seed)
     side = cfg.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
-    probe = fact_probe(cfg.text.hidden_size, norm_probe)
-    opt = optimizer(model, probe, lr, vision_lr)
+    probes = Probes(cfg, norm_probe)
+    opt = optimizer(model, probes, lr, vision_lr)
+    tasks = [t for t, k in zip(TASKS, mix) for _ in range(k)]
     rng = random.Random(seed)
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"training {params / 1e6:.1f}M params", unit="step")
-    smooth = [0.0, 0.0]
+    smooth = [0.0, 0.0, 0.0]
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": params,
             "threads": torch.get_num_threads()}  # fmt: skip
     if vision_lr != 1.0:
@@ -292,9 +362,15 @@ def train(
         info["drills"] = True
     if norm_probe:
         info["norm_probe"] = True
+    if patch != PATCH:
+        info["patch"] = patch
+    if patch_weight:
+        info["patch_weight"] = patch_weight
+    if mix != EVEN_MIX:
+        info["mix"] = dict(zip(TASKS, mix))
 
     def batches(step: int) -> list[dict]:  # drawn in step order, so prefetching keeps the run reproducible
-        convs = [conversation(TASKS[i % len(TASKS)], rng, drills=drills) for i in range(batch_size)]
+        convs = [conversation(tasks[i % len(tasks)], rng, drills=drills) for i in range(batch_size)]
         return micro_batches(tok, convs, side, 1 if step < low_res_steps else NUM_CROPS)
 
     # The next step's images are drawn and preprocessed on a thread while this one trains (Pillow and
@@ -308,11 +384,12 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, g["base_lr"])
             opt.zero_grad(set_to_none=True)
-            got = train_step(model, probe, ready, bf16=bf16)
+            got = train_step(model, probes, ready, bf16=bf16, patch_weight=patch_weight)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
-            bar.set_postfix(loss=f"{smooth[0]:.3f}", facts=f"{smooth[1]:.2f}")
+            shown = {"loss": f"{smooth[0]:.3f}", "facts": f"{smooth[1]:.2f}"}
+            bar.set_postfix(shown | ({"patches": f"{smooth[2]:.2f}"} if patch_weight else {}))
             if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
                 save(model, out, {**info, "steps_done": step + 1})
     info |= {"train_seconds": round(time.perf_counter() - t0, 1), "final_loss": round(smooth[0], 4)}
@@ -335,7 +412,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3400)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and fact probe")
+    ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and the probes")
     ap.add_argument("--low-res-steps", type=int, default=2300, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
@@ -345,9 +422,14 @@ def main() -> None:
                     help="bfloat16 autocast (a step 1.1x as fast on an AVX512-BF16 CPU; docs/pocket.md)")
     ap.add_argument("--drills", action="store_true", help="also the training-only questions (docs/pocket.md)")
     ap.add_argument("--norm-probe", action="store_true", help="the fact probe reads layer-normed features")
+    ap.add_argument("--patch", type=int, default=PATCH, help="the tower's patch size, px (336 / patch even)")
+    ap.add_argument("--patch-weight", type=float, default=0.0,
+                    help="weight of the per-patch loss: what lies under each patch (0: none)")  # fmt: skip
+    ap.add_argument("--mix", type=int, nargs=len(TASKS), default=EVEN_MIX, metavar="N",
+                    help=f"conversations of each task ({', '.join(TASKS)}) per sum of them in a batch")  # fmt: skip
     a = ap.parse_args()
     info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr, a.low_res_steps,
-                 a.bf16, a.drills, a.norm_probe)  # fmt: skip
+                 a.bf16, a.drills, a.norm_probe, a.patch, a.patch_weight, tuple(a.mix))  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
