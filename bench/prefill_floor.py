@@ -9,8 +9,10 @@ kernel (oneDNN's, for bfloat16 on the CPU). This times, on random weights of the
 - the floor: each layer's matrix products alone (`F.linear` on the layer's weights, the fastest route
   PyTorch has, which both implementations take), for one CLIP layer over `--crops` crops of 577 tokens and one decoder layer over
   `--tokens` tokens, then scaled to the layers that run (23 of CLIP's 24, all 32 decoder layers);
-- phi3v's own layers (`CLIPEncoderLayer`, `DecoderLayer`) on the same inputs: the floor plus attention,
-  norms, RoPE and activations.
+- attention alone (PyTorch's fused CPU `scaled_dot_product_attention`, which both implementations call) on
+  the layers' head shapes;
+- phi3v's own layers (`CLIPEncoderLayer`, `DecoderLayer`) on the same inputs: the products and attention
+  plus norms, RoPE and activations.
 
 Their ratio says how much of a first token any implementation can still win without changing the math:
 if phi3v's layers run within a few percent of their products, so does any other implementation that
@@ -74,6 +76,11 @@ def measure(tokens: int, crops: int, dtype: torch.dtype, repeat: int) -> dict:
     dec_mm = best_of(lambda: (products(xd, [dec.self_attn.qkv_proj.weight, dec.self_attn.o_proj.weight,
                                             dec.mlp.gate_up_proj.weight]),
                               products(xd_wide, [dec.mlp.down_proj.weight])), repeat)  # fmt: skip
+    # attention alone, on the layers' head shapes: PyTorch's fused CPU kernel, as both implementations call it
+    qv = torch.randn(crops, v.num_attention_heads, v.num_patches + 1, v.head_dim).to(dtype)
+    qd = torch.randn(1, t.num_attention_heads, tokens, t.head_dim).to(dtype)
+    clip_attn = best_of(lambda: F.scaled_dot_product_attention(qv, qv, qv), repeat)
+    dec_attn = best_of(lambda: F.scaled_dot_product_attention(qd, qd, qd, is_causal=True), repeat)
     clip_layer = best_of(lambda: clip(xv), repeat)
     dec_layer = best_of(lambda: dec(xd, attn), repeat)
 
@@ -86,11 +93,14 @@ def measure(tokens: int, crops: int, dtype: torch.dtype, repeat: int) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},  # fmt: skip
         "settings": {"tokens": tokens, "crops": crops, "dtype": str(dtype).removeprefix("torch."), "repeat": repeat},
-        "clip": {"layers": n_clip, "products_s": round(clip_mm * n_clip, 2), "phi3v_layers_s": round(clip_layer * n_clip, 2)},
-        "decoder": {"layers": n_dec, "products_s": round(dec_mm * n_dec, 2), "phi3v_layers_s": round(dec_layer * n_dec, 2)},
+        "clip": {"layers": n_clip, "products_s": round(clip_mm * n_clip, 2), "attention_s": round(clip_attn * n_clip, 2),
+                 "phi3v_layers_s": round(clip_layer * n_clip, 2)},
+        "decoder": {"layers": n_dec, "products_s": round(dec_mm * n_dec, 2), "attention_s": round(dec_attn * n_dec, 2),
+                    "phi3v_layers_s": round(dec_layer * n_dec, 2)},
         "products_tflop": round(flops / 1e12, 2),
         "products_gflops": round(flops / floor / 1e9, 1),
         "floor_s": round(floor, 2),
+        "floor_with_attention_s": round(floor + clip_attn * n_clip + dec_attn * n_dec, 2),
         "phi3v_layers_s": round(layers, 2),
         "phi3v_over_floor": round(layers / floor, 3),
     }  # fmt: skip
