@@ -259,6 +259,13 @@ def test_glyph_targets_sit_on_the_ink_and_the_probe_trains():
     pixels, targets = batch(rng, 2, 42, 0, (40, 70))
     assert pixels.shape == (2, 3, 336, 336) and targets.shape == (2, 64)
     assert len(run(steps=2, images=2, every=1, ramp=2)) == 2  # the shift grows 0, 10 px, then held-out at 20
+    # --text: the OCR task's own images, two crops each, their characters' patches named
+    from phi3v.pocket.glyphs import ocr_batch
+
+    pixels, targets = ocr_batch(random.Random(5), 3, 42)
+    assert pixels.shape == (6, 3, 336, 336) and targets.shape == (6, 64)
+    named = {CHARS[i] for i in targets[:2][targets[:2] >= 0].tolist()}  # the first image's two crops
+    assert named and named <= set(ocr(random.Random(5))[0].answer)  # its text, drawn from the same seed
 
 
 def _pixels(img):

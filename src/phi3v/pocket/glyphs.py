@@ -57,10 +57,26 @@ def batch(rng: random.Random, n: int, patch: int, jitter: int, sizes: tuple[int,
     return preprocess(list(images), 1, side=SIZE // patch // 2).pixel_values[:, 0], torch.stack(targets)
 
 
+def ocr_batch(rng: random.Random, n: int, patch: int) -> tuple[Tensor, Tensor]:
+    """n images of the OCR task, each as its two crops at num_crops=1 (the tile and the global view), and per
+    patch the index into CHARS of the character whose box holds the patch's centre, or -1
+    (`train.patch_targets` on the task's label maps)."""
+    from phi3v.pocket.data import PIXEL_CLASS, ocr
+    from phi3v.pocket.train import patch_targets
+
+    examples = [ocr(rng)[0] for _ in range(n)]
+    inputs = preprocess([ex.images[0] for ex in examples], 1, side=SIZE // patch // 2)
+    classes = patch_targets([ex.label_maps[0] for ex in examples], inputs.image_sizes, SIZE // patch)
+    lookup = torch.full((256,), -1)
+    lookup[torch.tensor([PIXEL_CLASS[c] for c in CHARS])] = torch.arange(len(CHARS))
+    return inputs.pixel_values[:, :2].flatten(0, 1), lookup[classes]
+
+
 def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, int] = (40, 70), images: int = 16,
-        lr: float = 1e-3, every: int = 100, seed: int = 0, ramp: int = 0) -> list[float]:  # fmt: skip
-    """Train the tower and head for `steps`, the shift growing from 0 to `jitter` over the first `ramp` steps;
-    returns the held-out accuracy (at the full `jitter`) every `every` steps."""
+        lr: float = 1e-3, every: int = 100, seed: int = 0, ramp: int = 0, text: bool = False) -> list[float]:  # fmt: skip
+    """Train the tower and head for `steps`, the shift growing from 0 to `jitter` over the first `ramp` steps
+    (with `text`, on the OCR task's images instead: `ocr_batch`); returns the held-out accuracy (at the full
+    `jitter`) every `every` steps."""
     torch.manual_seed(seed)
     cfg = pocket_config(640, 0, patch)
     model = Phi3VForCausalLM(cfg)
@@ -74,14 +90,17 @@ def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, i
         f = tower(pixels)
         return head(F.layer_norm(f, f.shape[-1:]))
 
-    held = [batch(random.Random(HELD_OUT_SEED + i), 50, patch, jitter, sizes) for i in range(2)]
+    def draw(rng: random.Random, n: int, shift: int) -> tuple[Tensor, Tensor]:
+        return ocr_batch(rng, n, patch) if text else batch(rng, n, patch, shift, sizes)
+
+    held = [draw(random.Random(HELD_OUT_SEED + i), 50, jitter) for i in range(2)]
     labelled = sum(int((t >= 0).sum()) for _, t in held)
     rng, t0, accuracies = random.Random(seed), time.perf_counter(), []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, g["base_lr"], warmup=min(50, steps // 5))
         shift = jitter if step >= ramp else jitter * step // ramp
-        pixels, target = batch(rng, images, patch, shift, sizes)
+        pixels, target = draw(rng, images, shift)
         keep = target >= 0
         loss = F.cross_entropy(logits(pixels)[keep], target[keep])
         opt.zero_grad(set_to_none=True)
@@ -105,8 +124,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs=2, default=(40, 70), help="font sizes, smallest and largest")
     ap.add_argument("--images", type=int, default=16, help="images per step")
     ap.add_argument("--ramp", type=int, default=0, help="grow the shift from 0 to --jitter over this many steps")
+    ap.add_argument("--text", action="store_true", help="the OCR task's images and their characters instead")
     a = ap.parse_args()
-    run(a.patch, a.jitter, a.steps, tuple(a.sizes), a.images, ramp=a.ramp)
+    run(a.patch, a.jitter, a.steps, tuple(a.sizes), a.images, ramp=a.ramp, text=a.text)
 
 
 if __name__ == "__main__":
