@@ -41,6 +41,12 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def has_even_grid(self) -> bool:
+        """Whether a 336 px crop splits into an even grid of whole patches, as the 2x2 merge needs (spec §4.3)."""
+        grid, rest = divmod(self.image_size, self.patch_size)
+        return self.image_size == 336 and rest == 0 and grid % 2 == 0
+
+    @property
     def tokens_per_side(self) -> int:
         """Merged tokens along a crop's side after the 2x2 merge: 12 for Phi-3-V (spec §4.3)."""
         return self.image_size // self.patch_size // 2
@@ -214,5 +220,5 @@ def _check_embedding(d: dict[str, Any], img: dict[str, Any], vision: VisionConfi
     if img.get("type_feature", "patch") != "patch":
         raise Phi3VError("config.json img_processor.type_feature must be 'patch' (spec §4.2)")
     # Phi-3-V has 24x24 patches per 336 px crop; phi3v also runs other even grids (the pocket model's 8x8).
-    if vision.image_size != 336 or (vision.image_size // vision.patch_size) % 2 or vision.image_size % vision.patch_size:
+    if not vision.has_even_grid:
         raise Phi3VError("the vision tower must see an even grid of patches per 336 px crop, 24x24 for Phi-3-V (spec §4.1)")

@@ -21,6 +21,7 @@ held-out sets are the same with or without them.
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
@@ -47,7 +48,8 @@ FACTS = (
 BACKGROUNDS = ((255, 255, 255), (245, 240, 225), (225, 235, 245), (235, 235, 235), (250, 230, 230))
 # What each pixel shows, for the tower's per-patch target: 0 is background, then a character's box, a shape
 # by colour and kind, a bar.
-PIXEL_CLASSES = ("", *"abcdefghijklmnopqrstuvwxyz0123456789ABCDE", *(f"{c} {k}" for c in COLOURS for k in SHAPES), "bar")
+CHARS = string.ascii_lowercase + string.digits  # what the OCR task writes
+PIXEL_CLASSES = ("", *CHARS, *"ABCDE", *(f"{c} {k}" for c in COLOURS for k in SHAPES), "bar")
 PIXEL_CLASS = {name: i for i, name in enumerate(PIXEL_CLASSES)}
 
 

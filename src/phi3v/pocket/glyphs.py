@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import string
 import time
 
 import torch
@@ -26,11 +25,10 @@ from torch import Tensor, nn
 
 from phi3v.image_processor import preprocess
 from phi3v.model import Phi3VForCausalLM
-from phi3v.pocket.data import BACKGROUNDS, INK, SIZE
+from phi3v.pocket.data import BACKGROUNDS, CHARS, INK, SIZE
 from phi3v.pocket.evaluate import HELD_OUT_SEED
 from phi3v.pocket.train import init_weights, lr_at, param_groups, pocket_config
 
-CHARS = string.ascii_lowercase + string.digits
 CELL = 84  # a 4x4 grid of cells; their centres are patch corners for 42 and 21 px patches
 
 

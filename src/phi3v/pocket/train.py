@@ -49,8 +49,6 @@ def pocket_config(vocab_size: int, pad_token_id: int, patch: int = PATCH) -> Phi
     """Phi-3-V's structure, shrunk: 8x8 patches of 42 px per 336 px crop (16 merged tokens per crop, 93 per
     image; `patch` px patches give (168 / patch)^2 per crop), a 4-layer CLIP-style tower and a 4-layer
     su-RoPE decoder."""
-    if 336 % patch or (336 // patch) % 2:
-        raise ValueError(f"--patch {patch}: the patch size must divide 336 px into an even number of patches")
     half = 32  # head_dim / 2
     text = TextConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -60,6 +58,8 @@ def pocket_config(vocab_size: int, pad_token_id: int, patch: int = PATCH) -> Phi
     )  # fmt: skip
     vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                           patch_size=patch)  # fmt: skip
+    if not vision.has_even_grid:
+        raise ValueError(f"--patch {patch}: the patch size must divide 336 px into an even number of patches")
     return Phi3VConfig(text=text, vision=vision, num_img_tokens=vision.tokens_per_side**2)
 
 
