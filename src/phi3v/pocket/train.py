@@ -1,7 +1,8 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
     python -m phi3v.pocket.train [--steps 3400] [--low-res-steps 2300] [--patch-weight 0] [--patch 42]
-                                 [--mix 1 1 1 1] [--drills] [--bf16] [--norm-probe] [--vision-lr 1]
+                                 [--mix 1 1 1 1] [--vision-steps 0] [--vision-scenes 8] [--drills] [--bf16]
+                                 [--norm-probe] [--vision-lr 1]
                                  [--out src/phi3v/pocket/weights] [--seed 0]
 
 Fixed seed, reproducible on the same machine and thread count; progress with loss and ETA on stderr.
@@ -18,8 +19,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from phi3v.checkpoint import write_byte_tokenizer, write_configs
 from phi3v.config import Phi3VConfig, TextConfig, VisionConfig
-from phi3v.image_processor import num_image_tokens, preprocess
+from phi3v.image_processor import preprocess
 from phi3v.language import AttentionInputs
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket import FOLDER
@@ -41,8 +44,10 @@ NUM_CROPS = 4  # a square image becomes a 2x2 grid of tiles plus the global view
 IGNORE = -100
 MAX_TURNS = 6  # questions per training conversation
 AUX_WEIGHT = 0.1  # of the per-image fact loss (a sum over FACTS) against the per-token answer loss
+T = TypeVar("T")
 PATCH = 42  # the shipped tower's patch size (px of a 336 px crop)
 EVEN_MIX = (1,) * len(TASKS)  # conversations of each task per len(TASKS) of a batch
+VISION_SCENES = 8  # scenes per step of the vision phase (`vision_phase`)
 
 
 def pocket_config(vocab_size: int, pad_token_id: int, patch: int = PATCH) -> Phi3VConfig:
@@ -120,26 +125,23 @@ def optimizer(model: Phi3VForCausalLM, probes: nn.Module, lr: float, vision_lr: 
     return torch.optim.AdamW(groups + [probe_group], betas=(0.9, 0.95))
 
 
-def encode(
-    tok: Tokenizer, turns: list[Example], side: int, num_crops: int = NUM_CROPS
-) -> tuple[list[int], list[int], Tensor, Tensor]:
-    """A conversation of questions about one scene (the images ride on the first turn) -> ids with image
-    placeholders, labels (each answer and its <|end|>; IGNORE elsewhere) and the pixels."""
-    inputs = preprocess(turns[0].images, num_crops, side=side)
+def encode(tok: Tokenizer, turns: list[Example], image_tokens: list[int]) -> tuple[list[int], list[int]]:
+    """A conversation of questions about one scene (the images ride on the first turn, `image_tokens` each)
+    -> ids with image placeholders, and labels (each answer and its <|end|>; IGNORE elsewhere)."""
     messages: list[dict] = []
     ids: list[int] = []
     labels: list[int] = []
     for i, ex in enumerate(turns):
         images = [{"type": "image", "image": im} for im in ex.images] if i == 0 else []
         messages.append({"role": "user", "content": [*images, {"type": "text", "text": ex.question}]})
-        prompt_ids = build_input_ids(tok, chat_prompt(messages)[0], inputs.num_img_tokens)
+        prompt_ids = build_input_ids(tok, chat_prompt(messages)[0], image_tokens)
         if prompt_ids[: len(ids)] != ids:  # each turn must extend the last one token for token
             raise ValueError(f"turn {i} of a {ex.task} conversation tokenizes its history differently")
         answer = tok.encode(ex.answer, add_bos=False) + [tok.end_token_id]
         labels += [IGNORE] * (len(prompt_ids) - len(ids)) + answer
         ids = prompt_ids + answer
         messages.append({"role": "assistant", "content": ex.answer})
-    return ids, labels, inputs.pixel_values, inputs.image_sizes
+    return ids, labels
 
 
 def fact_targets(facts: list[frozenset[str]]) -> Tensor:
@@ -179,22 +181,28 @@ def _labels_at(labels: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
     return labels[iy[:, None], ix[None, :]].reshape(-1)
 
 
+def scene_batch(scenes: list[Example], side: int, num_crops: int = NUM_CROPS) -> dict[str, Tensor]:
+    """The vision path's inputs and targets for the images of `scenes` (each one's images, in order): every
+    image's crops stacked, with its image-token count, its facts (multi-hot over FACTS) and what lies under
+    each of its crops' patches (`patch_targets`)."""
+    inputs = preprocess([im for ex in scenes for im in ex.images], num_crops, side=side)
+    patches = patch_targets([m for ex in scenes for m in ex.label_maps], inputs.image_sizes, 2 * side)
+    return {"pixel_values": inputs.pixel_values, "image_sizes": inputs.image_sizes,
+            "image_tokens": inputs.num_img_tokens, "facts": fact_targets([f for ex in scenes for f in ex.facts]),
+            "patch_targets": patches}  # fmt: skip
+
+
 def collate(tok: Tokenizer, convs: list[list[Example]], side: int, num_crops: int = NUM_CROPS) -> dict[str, Tensor]:
-    """Right-padded ids and labels; every image's crops stacked in conversation order, with its image-token
-    count, its facts (multi-hot over FACTS) and what lies under each of its crops' patches (`patch_targets`)."""
-    rows = [encode(tok, turns, side, num_crops) for turns in convs]
-    facts = fact_targets([f for turns in convs for f in turns[0].facts])
-    width = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (x, y, _, _) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)] = torch.tensor(x), torch.tensor(y)
-    pixels = torch.cat([r[2] for r in rows])
-    sizes = torch.cat([r[3] for r in rows])
-    counts = [num_image_tokens(int(h), int(w), side) for h, w in sizes.tolist()]
-    patches = patch_targets([m for turns in convs for m in turns[0].label_maps], sizes, 2 * side)
-    return {"ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": sizes, "facts": facts,
-            "image_tokens": counts, "patch_targets": patches}  # fmt: skip
+    """`scene_batch` of the conversations' images, with right-padded ids and labels."""
+    b = scene_batch([turns[0] for turns in convs], side, num_crops)
+    counts = iter(b["image_tokens"])
+    rows = [encode(tok, turns, [next(counts) for _ in turns[0].images]) for turns in convs]
+    width = max(len(ids) for ids, _ in rows)
+    b["ids"] = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    b["labels"] = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        b["ids"][i, : len(x)], b["labels"][i, : len(y)] = torch.tensor(x), torch.tensor(y)
+    return b
 
 
 def fact_probe(hidden: int, normed: bool = False) -> nn.Module:
@@ -238,6 +246,13 @@ def patch_loss(head: nn.Module, patches: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
 
 
+def vision_losses(model: Phi3VForCausalLM, probes: Probes, b: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """The image tokens of `b` (a `scene_batch`), each image's summed fact loss and each crop's patch loss."""
+    feats, patches = model.model.vision_embed_tokens.encode(b["pixel_values"], b["image_sizes"])
+    aux = fact_loss(probes.facts, feats, b["image_tokens"], b["facts"])
+    return feats, aux, patch_loss(probes.patches, patches, b["patch_targets"])
+
+
 def losses(model: Phi3VForCausalLM, probes: Probes, b: dict) -> tuple[Tensor, Tensor, Tensor]:
     """Next-token cross-entropy of every answer token, each image's summed fact loss and each crop's patch
     loss, all unreduced.
@@ -247,9 +262,7 @@ def losses(model: Phi3VForCausalLM, probes: Probes, b: dict) -> tuple[Tensor, Te
     colour question stayed near chance (loss 2.1 -> 1.8); with the fact probe the same run learned it (loss
     2.1 -> 0.6). The probes are not part of the shipped model.
     """
-    feats, patches = model.model.vision_embed_tokens.encode(b["pixel_values"], b["image_sizes"])
-    aux = fact_loss(probes.facts, feats, b["image_tokens"], b["facts"])
-    dense = patch_loss(probes.patches, patches, b["patch_targets"])
+    feats, aux, dense = vision_losses(model, probes, b)
     x = model.embed(b["ids"], feats)
     B, T = b["ids"].shape
     pos = torch.arange(T).expand(B, T)
@@ -307,6 +320,78 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
+def vision_step(model: Phi3VForCausalLM, probes: Probes, b: dict, bf16: bool = False) -> tuple[float, float]:
+    """A step of the vision phase: accumulate the gradient of (AUX_WEIGHT * mean fact loss per image + mean
+    patch loss per crop) over `b` (a `scene_batch`). The decoder gets no gradient, so AdamW leaves it be.
+    Returns the two means."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        _, aux, dense = vision_losses(model, probes, b)
+    aux, dense = aux.float().mean(), dense.float().mean()
+    (AUX_WEIGHT * aux + dense).backward()
+    return aux.item(), dense.item()
+
+
+@torch.no_grad()
+def patch_accuracy(model: Phi3VForCausalLM, probes: Probes, b: dict) -> dict[str, float]:
+    """How often the patch head names what lies under a patch of `b` (a `scene_batch`), over the patches on
+    a character (the OCR task's and the bar labels' text), on a shape, and on a bar."""
+    _, patches = model.model.vision_embed_tokens.encode(b["pixel_values"], b["image_sizes"])
+    guess = probes.patches(F.layer_norm(patches, patches.shape[-1:])).argmax(-1)
+    target = b["patch_targets"]
+    kinds = ("chars", "shapes", "bars")
+    kind = torch.tensor([-1 if not c else 2 if c == "bar" else 1 if " " in c else 0 for c in PIXEL_CLASSES])[target]
+    right = (guess == target).float()
+    return {name: round(float(right[kind == k].mean()), 4) for k, name in enumerate(kinds) if (kind == k).any()}
+
+
+def vision_phase(model: Phi3VForCausalLM, probes: Probes, opt: torch.optim.Optimizer, steps: int, scenes: int,
+                 tasks: list[str], rng: random.Random, bf16: bool = False) -> dict:  # fmt: skip
+    """Train the vision path alone (`vision_step`) for `steps` steps of `scenes` scenes, cycling through
+    `tasks`, at NUM_CROPS, with its own warmup and cosine decay. Returns its seconds and `patch_accuracy` at
+    its end on 32 held-out scenes of all TASKS.
+
+    Phi-3-V's tower came pretrained; this one starts from noise. Within the full training it learns the OCR
+    task's characters slowly: `phi3v.pocket.glyphs --text` needs about 2000 steps of the tower alone to name
+    half of them, which the full training's shared gradient never gives it (docs/pocket.md)."""
+    from tqdm import tqdm
+
+    from phi3v.pocket.evaluate import HELD_OUT_SEED
+
+    side = model.config.vision.tokens_per_side
+
+    def draw(r: random.Random, kinds: list[str], n: int) -> dict:
+        return scene_batch([questions(kinds[i % len(kinds)], r)[0] for i in range(n)], side)
+
+    t0, smooth = time.perf_counter(), [0.0, 0.0]
+    bar = tqdm(prefetched(lambda _: draw(rng, tasks, scenes), steps), total=steps, desc="vision phase", unit="step")
+    for step, b in enumerate(bar):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, g["base_lr"])
+        opt.zero_grad(set_to_none=True)
+        got = vision_step(model, probes, b, bf16)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
+        bar.set_postfix(facts=f"{smooth[0]:.2f}", patches=f"{smooth[1]:.3f}")
+    seconds = round(time.perf_counter() - t0, 1)
+    held = patch_accuracy(model, probes, draw(random.Random(HELD_OUT_SEED + 3), list(TASKS), 32))
+    print(f"vision phase: {seconds} s, held-out patch accuracy {held}", flush=True)
+    return {"vision_seconds": seconds, "vision_patch_accuracy": held}
+
+
+def prefetched(make: Callable[[int], T], n: int) -> Iterator[T]:
+    """make(0) ... make(n - 1), each made on a thread while the caller works on the one before (Pillow and
+    PyTorch release the GIL; drawing and preprocessing cost a fifth of a full-resolution step otherwise).
+    Made in order, so a run stays reproducible."""
+    with ThreadPoolExecutor(1) as pool:
+        upcoming = pool.submit(make, 0)
+        for i in range(n):
+            ready = upcoming.result()
+            if i + 1 < n:
+                upcoming = pool.submit(make, i + 1)
+            yield ready
+
+
 def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
     """config.json, generation/preprocessor configs, bf16 model.safetensors and pocket.json (with its sha256)."""
     write_configs(folder, model.config, NUM_CROPS)
@@ -320,6 +405,7 @@ def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
     vision_lr: float = 1.0, low_res_steps: int = 0, bf16: bool = False, drills: bool = False,
     norm_probe: bool = False, patch: int = PATCH, patch_weight: float = 0.0, mix: tuple[int, ...] = EVEN_MIX,
+    vision_steps: int = 0, vision_scenes: int = VISION_SCENES,
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. The vision path and the fact
@@ -328,12 +414,17 @@ def train(
     autocast; `drills`: the training-only questions too (`data.Example.drill`); `norm_probe`: the fact probe
     reads layer-normed features (`fact_probe`); `patch`: the tower's patch size; `patch_weight`: of the
     per-patch loss (`patch_loss`; 0: none); `mix`: conversations of each of TASKS per `sum(mix)` of a batch.
+    `vision_steps`: first train the vision path alone (`vision_step`) for that many steps of `vision_scenes`
+    scenes at NUM_CROPS, drawn from their own random stream so the rest of the run sees the same data.
     Returns pocket.json's content."""
     from tqdm import tqdm
 
     if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) == 0 or batch_size % sum(mix):
         raise ValueError(f"--mix {' '.join(map(str, mix))}: one count per task ({', '.join(TASKS)}), none "
                          f"negative, adding up to a divisor of the batch size {batch_size}")  # fmt: skip
+    if vision_steps < 0 or vision_scenes < 1:
+        raise ValueError(f"--vision-steps {vision_steps} --vision-scenes {vision_scenes}: the vision phase needs "
+                         "0 or more steps of 1 or more scenes")  # fmt: skip
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, seed, drills)
@@ -348,7 +439,6 @@ def train(
     tasks = [t for t, k in zip(TASKS, mix) for _ in range(k)]
     rng = random.Random(seed)
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"training {params / 1e6:.1f}M params", unit="step")
     smooth = [0.0, 0.0, 0.0]
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "parameters": params,
             "threads": torch.get_num_threads()}  # fmt: skip
@@ -368,30 +458,27 @@ def train(
         info["patch_weight"] = patch_weight
     if mix != EVEN_MIX:
         info["mix"] = dict(zip(TASKS, mix))
+    if vision_steps:
+        info |= {"vision_steps": vision_steps, "vision_scenes": vision_scenes}
+        info |= vision_phase(model, probes, opt, vision_steps, vision_scenes, tasks, random.Random(seed + 3), bf16)
 
     def batches(step: int) -> list[dict]:  # drawn in step order, so prefetching keeps the run reproducible
         convs = [conversation(tasks[i % len(tasks)], rng, drills=drills) for i in range(batch_size)]
         return micro_batches(tok, convs, side, 1 if step < low_res_steps else NUM_CROPS)
 
-    # The next step's images are drawn and preprocessed on a thread while this one trains (Pillow and
-    # PyTorch release the GIL): a fifth of a full-resolution step's time otherwise.
-    with ThreadPoolExecutor(1) as pool:
-        upcoming = pool.submit(batches, 0)
-        for step in bar:
-            ready = upcoming.result()
-            if step + 1 < steps:
-                upcoming = pool.submit(batches, step + 1)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, g["base_lr"])
-            opt.zero_grad(set_to_none=True)
-            got = train_step(model, probes, ready, bf16=bf16, patch_weight=patch_weight)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
-            shown = {"loss": f"{smooth[0]:.3f}", "facts": f"{smooth[1]:.2f}"}
-            bar.set_postfix(shown | ({"patches": f"{smooth[2]:.2f}"} if patch_weight else {}))
-            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-                save(model, out, {**info, "steps_done": step + 1})
+    bar = tqdm(prefetched(batches, steps), total=steps, desc=f"training {params / 1e6:.1f}M params", unit="step")
+    for step, ready in enumerate(bar):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, g["base_lr"])
+        opt.zero_grad(set_to_none=True)
+        got = train_step(model, probes, ready, bf16=bf16, patch_weight=patch_weight)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
+        shown = {"loss": f"{smooth[0]:.3f}", "facts": f"{smooth[1]:.2f}"}
+        bar.set_postfix(shown | ({"patches": f"{smooth[2]:.2f}"} if patch_weight else {}))
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(model, out, {**info, "steps_done": step + 1})
     info |= {"train_seconds": round(time.perf_counter() - t0, 1), "final_loss": round(smooth[0], 4)}
     model.eval()
     save(model, out, info)
@@ -427,9 +514,13 @@ def main() -> None:
                     help="weight of the per-patch loss: what lies under each patch (0: none)")  # fmt: skip
     ap.add_argument("--mix", type=int, nargs=len(TASKS), default=EVEN_MIX, metavar="N",
                     help=f"conversations of each task ({', '.join(TASKS)}) per sum of them in a batch")  # fmt: skip
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="first train the vision path alone for N steps, on the facts and per-patch targets")
+    ap.add_argument("--vision-scenes", type=int, default=VISION_SCENES, help="scenes per step of the vision phase")
     a = ap.parse_args()
     info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr, a.low_res_steps,
-                 a.bf16, a.drills, a.norm_probe, a.patch, a.patch_weight, tuple(a.mix))  # fmt: skip
+                 a.bf16, a.drills, a.norm_probe, a.patch, a.patch_weight, tuple(a.mix), a.vision_steps,
+                 a.vision_scenes)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
