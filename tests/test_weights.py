@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3v.checkpoint import checkpoint_shapes, preset, random_model, write_checkpoint
+from phi3v.checkpoint import checkpoint_shapes, preset, random_model
 from phi3v.errors import Phi3VError
 from phi3v import weights
 from phi3v.weights import INDEX_FILE, load_model, resolve_checkpoint

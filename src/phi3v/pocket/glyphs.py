@@ -60,14 +60,12 @@ def ocr_batch(rng: random.Random, n: int, patch: int) -> tuple[Tensor, Tensor]:
     patch the index into CHARS of the character whose box holds the patch's centre, or -1
     (`train.patch_targets` on the task's label maps)."""
     from phi3v.pocket.data import PIXEL_CLASS, ocr
-    from phi3v.pocket.train import patch_targets
+    from phi3v.pocket.train import scene_batch
 
-    examples = [ocr(rng)[0] for _ in range(n)]
-    inputs = preprocess([ex.images[0] for ex in examples], 1, side=SIZE // patch // 2)
-    classes = patch_targets([ex.label_maps[0] for ex in examples], inputs.image_sizes, SIZE // patch)
+    b = scene_batch([ocr(rng)[0] for _ in range(n)], SIZE // patch // 2, num_crops=1)
     lookup = torch.full((256,), -1)
     lookup[torch.tensor([PIXEL_CLASS[c] for c in CHARS])] = torch.arange(len(CHARS))
-    return inputs.pixel_values[:, :2].flatten(0, 1), lookup[classes]
+    return b["pixel_values"][:, :2].flatten(0, 1), lookup[b["patch_targets"]]
 
 
 def run(patch: int = 42, jitter: int = 20, steps: int = 400, sizes: tuple[int, int] = (40, 70), images: int = 16,

@@ -17,26 +17,20 @@ import time
 import torch
 from torch import Tensor, nn
 
-from phi3v.image_processor import num_image_tokens, preprocess
 from phi3v.model import Phi3VForCausalLM
-from phi3v.pocket.data import TASKS, questions
+from phi3v.pocket.data import TASKS
 from phi3v.pocket.evaluate import HELD_OUT_SEED
 from phi3v.pocket.train import (
-    NUM_CROPS, fact_loss, fact_probe, fact_targets, init_weights, lr_at, optimizer, pocket_config,
+    draw_scenes, fact_loss, fact_probe, init_weights, lr_at, optimizer, pocket_config, scene_batch,
 )  # fmt: skip
 
 
 def image_batch(rng: random.Random, n: int, side: int) -> tuple[Tensor, Tensor, list[int], Tensor, list[str]]:
     """n scenes cycling through TASKS -> pixels, image sizes, tokens per image, fact targets, task per image."""
-    images, facts, tasks = [], [], []
-    for i in range(n):
-        ex = questions(TASKS[i % len(TASKS)], rng)[0]
-        images += ex.images
-        facts += ex.facts
-        tasks += [ex.task] * len(ex.images)
-    inputs = preprocess(images, NUM_CROPS, side=side)
-    counts = [num_image_tokens(int(h), int(w), side) for h, w in inputs.image_sizes.tolist()]
-    return inputs.pixel_values, inputs.image_sizes, counts, fact_targets(facts), tasks
+    scenes = draw_scenes(rng, TASKS, n)
+    b = scene_batch(scenes, side)
+    tasks = [ex.task for ex in scenes for _ in ex.images]
+    return b["pixel_values"], b["image_sizes"], b["image_tokens"], b["facts"], tasks
 
 
 def fact_losses(model: Phi3VForCausalLM, probe: nn.Module, batch) -> Tensor:

@@ -1,7 +1,7 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--steps 3400] [--low-res-steps 2300] [--patch-weight 0] [--patch 42]
-                                 [--mix 1 1 1 1] [--vision-steps 0] [--vision-scenes 8] [--drills] [--bf16]
+    python -m phi3v.pocket.train [--vision-steps 1500] [--steps 2700] [--low-res-steps 1830] [--patch-weight 1]
+                                 [--vision-scenes 8] [--patch 42] [--mix 1 1 1 1] [--drills] [--bf16]
                                  [--norm-probe] [--vision-lr 1]
                                  [--out src/phi3v/pocket/weights] [--seed 0]
 
@@ -36,18 +36,21 @@ from phi3v.image_processor import preprocess
 from phi3v.language import AttentionInputs
 from phi3v.model import Phi3VForCausalLM
 from phi3v.pocket import FOLDER
-from phi3v.pocket.data import FACTS, PIXEL_CLASSES, TASKS, Example, dataset, questions
+from phi3v.pocket.data import FACTS, PIXEL_CLASS, PIXEL_CLASSES, TASKS, Example, dataset, questions
+from phi3v.pocket.evaluate import HELD_OUT_SEED
 from phi3v.prompt import Tokenizer, build_input_ids, chat_prompt
 from phi3v.rope import cos_sin
+
+T = TypeVar("T")
 
 NUM_CROPS = 4  # a square image becomes a 2x2 grid of tiles plus the global view
 IGNORE = -100
 MAX_TURNS = 6  # questions per training conversation
 AUX_WEIGHT = 0.1  # of the per-image fact loss (a sum over FACTS) against the per-token answer loss
-T = TypeVar("T")
 PATCH = 42  # the shipped tower's patch size (px of a 336 px crop)
 EVEN_MIX = (1,) * len(TASKS)  # conversations of each task per len(TASKS) of a batch
 VISION_SCENES = 8  # scenes per step of the vision phase (`vision_phase`)
+VISION_HELD_OUT_SEED = HELD_OUT_SEED + 3  # the vision phase's held-out scenes: a seed training never uses
 
 
 def pocket_config(vocab_size: int, pad_token_id: int, patch: int = PATCH) -> Phi3VConfig:
@@ -181,7 +184,7 @@ def _labels_at(labels: Tensor, ys: Tensor, xs: Tensor) -> Tensor:
     return labels[iy[:, None], ix[None, :]].reshape(-1)
 
 
-def scene_batch(scenes: list[Example], side: int, num_crops: int = NUM_CROPS) -> dict[str, Tensor]:
+def scene_batch(scenes: list[Example], side: int, num_crops: int = NUM_CROPS) -> dict:
     """The vision path's inputs and targets for the images of `scenes` (each one's images, in order): every
     image's crops stacked, with its image-token count, its facts (multi-hot over FACTS) and what lies under
     each of its crops' patches (`patch_targets`)."""
@@ -192,7 +195,7 @@ def scene_batch(scenes: list[Example], side: int, num_crops: int = NUM_CROPS) ->
             "patch_targets": patches}  # fmt: skip
 
 
-def collate(tok: Tokenizer, convs: list[list[Example]], side: int, num_crops: int = NUM_CROPS) -> dict[str, Tensor]:
+def collate(tok: Tokenizer, convs: list[list[Example]], side: int, num_crops: int = NUM_CROPS) -> dict:
     """`scene_batch` of the conversations' images, with right-padded ids and labels."""
     b = scene_batch([turns[0] for turns in convs], side, num_crops)
     counts = iter(b["image_tokens"])
@@ -242,8 +245,13 @@ def patch_loss(head: nn.Module, patches: Tensor, targets: Tensor) -> Tensor:
     Dense targets teach the tower where things are and what they look like patch by patch, which the
     per-image facts cannot: with 42 px patches a glyph is learned at a fixed place in its patch in a few
     hundred steps but hardly at a free one (`phi3v.pocket.glyphs`)."""
-    logits = head(F.layer_norm(patches, patches.shape[-1:]))
+    logits = patch_logits(head, patches)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape).mean(1)
+
+
+def patch_logits(head: nn.Module, patches: Tensor) -> Tensor:
+    """The patch head's logits over PIXEL_CLASSES for each CLIP patch feature, layer-normed first."""
+    return head(F.layer_norm(patches, patches.shape[-1:]))
 
 
 def vision_losses(model: Phi3VForCausalLM, probes: Probes, b: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -321,9 +329,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
 
 
 def vision_step(model: Phi3VForCausalLM, probes: Probes, b: dict, bf16: bool = False) -> tuple[float, float]:
-    """A step of the vision phase: accumulate the gradient of (AUX_WEIGHT * mean fact loss per image + mean
-    patch loss per crop) over `b` (a `scene_batch`). The decoder gets no gradient, so AdamW leaves it be.
-    Returns the two means."""
+    """A step of the vision phase: the gradient of (AUX_WEIGHT * mean fact loss per image + mean patch loss
+    per crop) over `b` (a `scene_batch`). Nothing reaches the decoder, so its gradients stay None and
+    AdamW skips it, weight decay included. Returns the two means."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         _, aux, dense = vision_losses(model, probes, b)
     aux, dense = aux.float().mean(), dense.float().mean()
@@ -332,57 +340,61 @@ def vision_step(model: Phi3VForCausalLM, probes: Probes, b: dict, bf16: bool = F
 
 
 @torch.no_grad()
-def patch_accuracy(model: Phi3VForCausalLM, probes: Probes, b: dict) -> dict[str, float]:
-    """How often the patch head names what lies under a patch of `b` (a `scene_batch`), over the patches on
-    a character (the OCR task's and the bar labels' text), on a shape, and on a bar."""
+def patch_accuracy(model: Phi3VForCausalLM, probes: Probes, b: dict) -> float:
+    """How often the patch head names what lies under a patch of `b` (a `scene_batch`), over the patches
+    with something under their centre (the background, most of every image, is left out)."""
     _, patches = model.model.vision_embed_tokens.encode(b["pixel_values"], b["image_sizes"])
-    guess = probes.patches(F.layer_norm(patches, patches.shape[-1:])).argmax(-1)
     target = b["patch_targets"]
-    kinds = ("chars", "shapes", "bars")
-    kind = torch.tensor([-1 if not c else 2 if c == "bar" else 1 if " " in c else 0 for c in PIXEL_CLASSES])[target]
-    right = (guess == target).float()
-    return {name: round(float(right[kind == k].mean()), 4) for k, name in enumerate(kinds) if (kind == k).any()}
+    on = target != PIXEL_CLASS[""]
+    return round(float((patch_logits(probes.patches, patches).argmax(-1) == target)[on].float().mean()), 4)
+
+
+def draw_scenes(rng: random.Random, tasks: list[str] | tuple[str, ...], n: int) -> list[Example]:
+    """n freshly drawn scenes, cycling through `tasks`: the first question of each, which carries its
+    images, facts and label maps."""
+    return [questions(tasks[i % len(tasks)], rng)[0] for i in range(n)]
 
 
 def vision_phase(model: Phi3VForCausalLM, probes: Probes, opt: torch.optim.Optimizer, steps: int, scenes: int,
                  tasks: list[str], rng: random.Random, bf16: bool = False) -> dict:  # fmt: skip
-    """Train the vision path alone (`vision_step`) for `steps` steps of `scenes` scenes, cycling through
-    `tasks`, at NUM_CROPS, with its own warmup and cosine decay. Returns its seconds and `patch_accuracy` at
-    its end on 32 held-out scenes of all TASKS.
+    """Train the vision path alone (`vision_step`) for `steps` steps of `scenes` scenes from `rng`, cycling
+    through `tasks` (--mix), with its own warmup and cosine decay. Returns its seconds and, per task, the
+    `patch_accuracy` at its end on 32 held-out scenes.
 
-    Phi-3-V's tower came pretrained; this one starts from noise. Within the full training it learns the OCR
-    task's characters slowly: `phi3v.pocket.glyphs --text` needs about 2000 steps of the tower alone to name
-    half of them, which the full training's shared gradient never gives it (docs/pocket.md)."""
+    Phi-3-V's tower came pretrained; this one starts from noise, and within the full training it learns
+    the OCR task's characters slowly: `phi3v.pocket.glyphs --text` needs about 2000 steps of the tower
+    alone to name half of them, which the full training's shared gradient never gives it (docs/pocket.md).
+    Without the decoder a step costs about a third of a low-resolution training step, so the phase runs
+    at NUM_CROPS: the 2x2 tiles show text at twice the size the global view does. The optimizer's state
+    carries on into the main training."""
     from tqdm import tqdm
 
-    from phi3v.pocket.evaluate import HELD_OUT_SEED
-
     side = model.config.vision.tokens_per_side
-
-    def draw(r: random.Random, kinds: list[str], n: int) -> dict:
-        return scene_batch([questions(kinds[i % len(kinds)], r)[0] for i in range(n)], side)
-
     t0, smooth = time.perf_counter(), [0.0, 0.0]
-    bar = tqdm(prefetched(lambda _: draw(rng, tasks, scenes), steps), total=steps, desc="vision phase", unit="step")
+    made = prefetched(lambda _: scene_batch(draw_scenes(rng, tasks, scenes), side), steps)
+    bar = tqdm(made, total=steps, desc="vision phase", unit="step")
     for step, b in enumerate(bar):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, g["base_lr"])
+            g["lr"] = lr_at(step, steps, g["base_lr"], warmup=min(100, steps // 5))
         opt.zero_grad(set_to_none=True)
         got = vision_step(model, probes, b, bf16)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
         bar.set_postfix(facts=f"{smooth[0]:.2f}", patches=f"{smooth[1]:.3f}")
-    seconds = round(time.perf_counter() - t0, 1)
-    held = patch_accuracy(model, probes, draw(random.Random(HELD_OUT_SEED + 3), list(TASKS), 32))
-    print(f"vision phase: {seconds} s, held-out patch accuracy {held}", flush=True)
-    return {"vision_seconds": seconds, "vision_patch_accuracy": held}
+    seconds = time.perf_counter() - t0
+    held = random.Random(VISION_HELD_OUT_SEED)
+    accuracy = {t: patch_accuracy(model, probes, scene_batch(draw_scenes(held, [t], 32), side)) for t in TASKS}
+    print(f"vision phase: {seconds:.0f} s, held-out patch accuracy {accuracy}", flush=True)
+    return {"vision_seconds": round(seconds, 3), "vision_patch_accuracy": accuracy}
 
 
 def prefetched(make: Callable[[int], T], n: int) -> Iterator[T]:
     """make(0) ... make(n - 1), each made on a thread while the caller works on the one before (Pillow and
     PyTorch release the GIL; drawing and preprocessing cost a fifth of a full-resolution step otherwise).
     Made in order, so a run stays reproducible."""
+    if n <= 0:
+        return
     with ThreadPoolExecutor(1) as pool:
         upcoming = pool.submit(make, 0)
         for i in range(n):
@@ -414,17 +426,17 @@ def train(
     autocast; `drills`: the training-only questions too (`data.Example.drill`); `norm_probe`: the fact probe
     reads layer-normed features (`fact_probe`); `patch`: the tower's patch size; `patch_weight`: of the
     per-patch loss (`patch_loss`; 0: none); `mix`: conversations of each of TASKS per `sum(mix)` of a batch.
-    `vision_steps`: first train the vision path alone (`vision_step`) for that many steps of `vision_scenes`
-    scenes at NUM_CROPS, drawn from their own random stream so the rest of the run sees the same data.
-    Returns pocket.json's content."""
+    `vision_steps`: first train the vision path alone (`vision_phase`) for that many steps of `vision_scenes`
+    scenes, drawn from their own random stream so that the rest of the run sees the same data; its time
+    counts in `train_seconds`. Returns pocket.json's content."""
     from tqdm import tqdm
 
     if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) == 0 or batch_size % sum(mix):
         raise ValueError(f"--mix {' '.join(map(str, mix))}: one count per task ({', '.join(TASKS)}), none "
                          f"negative, adding up to a divisor of the batch size {batch_size}")  # fmt: skip
-    if vision_steps < 0 or vision_scenes < 1:
+    if vision_steps < 0 or vision_scenes < 1 or vision_scenes % sum(mix):
         raise ValueError(f"--vision-steps {vision_steps} --vision-scenes {vision_scenes}: the vision phase needs "
-                         "0 or more steps of 1 or more scenes")  # fmt: skip
+                         f"0 or more steps of a positive multiple of {sum(mix)} scenes (the sum of --mix)")  # fmt: skip
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, seed, drills)
@@ -496,11 +508,11 @@ def train(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FOLDER)
-    ap.add_argument("--steps", type=int, default=3400)
+    ap.add_argument("--steps", type=int, default=2700)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and the probes")
-    ap.add_argument("--low-res-steps", type=int, default=2300, help="the first N steps show images at num_crops=1")
+    ap.add_argument("--low-res-steps", type=int, default=1830, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
@@ -510,11 +522,11 @@ def main() -> None:
     ap.add_argument("--drills", action="store_true", help="also the training-only questions (docs/pocket.md)")
     ap.add_argument("--norm-probe", action="store_true", help="the fact probe reads layer-normed features")
     ap.add_argument("--patch", type=int, default=PATCH, help="the tower's patch size, px (336 / patch even)")
-    ap.add_argument("--patch-weight", type=float, default=0.0,
+    ap.add_argument("--patch-weight", type=float, default=1.0,
                     help="weight of the per-patch loss: what lies under each patch (0: none)")  # fmt: skip
     ap.add_argument("--mix", type=int, nargs=len(TASKS), default=EVEN_MIX, metavar="N",
                     help=f"conversations of each task ({', '.join(TASKS)}) per sum of them in a batch")  # fmt: skip
-    ap.add_argument("--vision-steps", type=int, default=0,
+    ap.add_argument("--vision-steps", type=int, default=1500,
                     help="first train the vision path alone for N steps, on the facts and per-patch targets")
     ap.add_argument("--vision-scenes", type=int, default=VISION_SCENES, help="scenes per step of the vision phase")
     a = ap.parse_args()
