@@ -328,6 +328,20 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
+def optimizer_step(model: Phi3VForCausalLM, opt: torch.optim.Optimizer, step: int, steps: int,
+                   backward: Callable[[], tuple[float, ...]], warmup: int = 100) -> tuple[float, ...]:  # fmt: skip
+    """Step `step` of `steps`: every group at its `lr_at` rate, fresh gradients from `backward` (whose losses
+    are returned), the model's clipped to norm 1, then the update. Gradients are set to None, not zeroed,
+    so that what `backward` does not reach gets no update (the decoder in the vision phase)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, steps, g["base_lr"], warmup)
+    opt.zero_grad(set_to_none=True)
+    got = backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return got
+
+
 def vision_step(model: Phi3VForCausalLM, probes: Probes, b: dict, bf16: bool = False) -> tuple[float, float]:
     """A step of the vision phase: the gradient of (AUX_WEIGHT * mean fact loss per image + mean patch loss
     per crop) over `b` (a `scene_batch`). Nothing reaches the decoder, so its gradients stay None and
@@ -374,12 +388,8 @@ def vision_phase(model: Phi3VForCausalLM, probes: Probes, opt: torch.optim.Optim
     made = prefetched(lambda _: scene_batch(draw_scenes(rng, tasks, scenes), side), steps)
     bar = tqdm(made, total=steps, desc="vision phase", unit="step")
     for step, b in enumerate(bar):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, g["base_lr"], warmup=min(100, steps // 5))
-        opt.zero_grad(set_to_none=True)
-        got = vision_step(model, probes, b, bf16)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        got = optimizer_step(model, opt, step, steps, lambda: vision_step(model, probes, b, bf16),
+                             warmup=min(100, steps // 5))  # fmt: skip
         smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
         bar.set_postfix(facts=f"{smooth[0]:.2f}", patches=f"{smooth[1]:.3f}")
     seconds = time.perf_counter() - t0
@@ -480,12 +490,7 @@ def train(
 
     bar = tqdm(prefetched(batches, steps), total=steps, desc=f"training {params / 1e6:.1f}M params", unit="step")
     for step, ready in enumerate(bar):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, g["base_lr"])
-        opt.zero_grad(set_to_none=True)
-        got = train_step(model, probes, ready, bf16=bf16, patch_weight=patch_weight)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        got = optimizer_step(model, opt, step, steps, lambda: train_step(model, probes, ready, bf16, patch_weight))
         smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
         shown = {"loss": f"{smooth[0]:.3f}", "facts": f"{smooth[1]:.2f}"}
         bar.set_postfix(shown | ({"patches": f"{smooth[2]:.2f}"} if patch_weight else {}))
