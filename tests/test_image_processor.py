@@ -140,9 +140,10 @@ def _expected(img: Image.Image, n: int) -> torch.Tensor:
     return torch.stack(crops)
 
 
-@pytest.mark.parametrize("w,h,n", [(640, 360, 4), (270, 480, 16), (500, 300, 16)])
+@pytest.mark.parametrize("w,h,n", [(640, 360, 4), (270, 480, 16), (500, 300, 16), (300, 300, 1)])
 def test_pixel_values_exact(w, h, n):
-    """Spec §5.1-5.5: bit-identical to a straightforward re-computation (landscape, portrait, odd padding)."""
+    """Spec §5.1-5.5: bit-identical to a straightforward re-computation (landscape, portrait, odd padding, and a
+    square image at num_crops=1, whose global view skips the identity resize)."""
     img = _noise(w, h, seed=w)
     out = preprocess([img], n)
     expected = _expected(img, n)

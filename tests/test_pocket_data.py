@@ -486,7 +486,7 @@ def test_collated_patch_targets_match_the_crops():
     from PIL import Image
 
     from phi3v.pocket import FOLDER
-    from phi3v.pocket.train import collate, conversation, patch_targets, pocket_config, train
+    from phi3v.pocket.train import check_recipe, collate, conversation, patch_targets, pocket_config, train
     from phi3v.prompt import Tokenizer
 
     rng = random.Random(2)
@@ -507,3 +507,46 @@ def test_collated_patch_targets_match_the_crops():
         train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, vision_steps=5, vision_scenes=0)
     with pytest.raises(ValueError, match="multiple of 4"):
         train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, vision_steps=5, vision_scenes=6)
+    check_recipe(18, (1, 3, 2, 3), vision_steps=0, vision_scenes=8)  # no phase: its scene count is unused
+
+
+def test_training_script_refuses_a_bad_recipe_in_one_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "phi3v.pocket.train", "--mix", "3", "1", "1", "1"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--mix 3 1 1 1: one count per task" in r.stderr.strip().splitlines()[-1]
+
+
+def test_encode_once_matches_the_full_encode_in_values_and_gradients():
+    """At num_crops=1 a 336 px square's tile is its global view, so training runs the tower once for both:
+    the image tokens, patch features and every gradient are those of encoding both crops; at num_crops=4,
+    where the crops differ, it is the plain encode."""
+    import torch
+
+    from phi3v.model import Phi3VForCausalLM
+    from phi3v.pocket.train import draw_scenes, encode_once, init_weights, pocket_config, scene_batch
+
+    torch.manual_seed(0)
+    cfg = pocket_config(640, 0)
+    model = Phi3VForCausalLM(cfg)
+    init_weights(model, seed=0)
+    emb = model.model.vision_embed_tokens
+    calls = []
+    emb.img_processor.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    for num_crops in (1, 4):
+        b = scene_batch(draw_scenes(random.Random(4), TASKS, 4), cfg.vision.tokens_per_side, num_crops)
+        got = []
+        for encode in (emb.encode, lambda pv, sizes: encode_once(model, pv, sizes)):
+            model.zero_grad(set_to_none=True)
+            feats, patches = encode(b["pixel_values"], b["image_sizes"])
+            ((feats**2).sum() + patches.sin().sum()).backward()
+            got.append((feats, patches, torch.cat([p.grad.flatten() for p in emb.parameters()])))
+        (f0, p0, g0), (f1, p1, g1) = got
+        torch.testing.assert_close(f1, f0)
+        torch.testing.assert_close(p1, p0)
+        assert (g1 - g0).norm() <= 1e-5 * g0.norm(), (num_crops, (g1 - g0).norm(), g0.norm())  # up to sum order
+    crops = [5 * 2, 5, 5 * 5, 5 * 5]  # the 5 images' crops: num_crops=1 both ways, then num_crops=4 both ways
+    assert calls == crops

@@ -236,7 +236,9 @@ def crops_of(hd: torch.Tensor, num_crops: int) -> torch.Tensor:
     _, h, w = hd.shape
     h_c, w_c = h // CROP, w // CROP
     # From the normalised tensor, no antialias, no clamp: what the reference does (PIL bicubic would differ).
-    glob = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic", align_corners=False)  # [1, 3, 336, 336]
+    # At 336 x 336 already the resize is the identity, exactly (cubic weights 0, 1, 0, 0), so it is skipped.
+    same = (h, w) == (CROP, CROP)
+    glob = hd[None] if same else F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic", align_corners=False)
     tiles = hd.reshape(3, h_c, CROP, w_c, CROP).permute(1, 3, 0, 2, 4).reshape(h_c * w_c, 3, CROP, CROP)
     pad = hd.new_zeros(num_crops - h_c * w_c, 3, CROP, CROP)  # zeros = the mean colour after Normalize
     return torch.cat([glob, tiles, pad])

@@ -254,9 +254,21 @@ def patch_logits(head: nn.Module, patches: Tensor) -> Tensor:
     return head(F.layer_norm(patches, patches.shape[-1:]))
 
 
+def encode_once(model: Phi3VForCausalLM, pixel_values: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """`ImageEmbedding.encode`, with the tower run once for a crop that is there twice: a 336 px square at
+    num_crops=1 has one tile, bit for bit its global view (the resize is the identity). The same features
+    and gradients (the one result feeds both places), for half the tower's work in the low-resolution steps."""
+    emb = model.model.vision_embed_tokens
+    crops = emb.real_crops(pixel_values, image_sizes)
+    if any(grid != (1, 1) for grid in emb.crop_grids(image_sizes)) or not torch.equal(crops[0::2], crops[1::2]):
+        return emb.encode(pixel_values, image_sizes)
+    patches = emb.img_processor(crops[0::2]).repeat_interleave(2, dim=0)
+    return emb.project(patches, image_sizes), patches
+
+
 def vision_losses(model: Phi3VForCausalLM, probes: Probes, b: dict) -> tuple[Tensor, Tensor, Tensor]:
     """The image tokens of `b` (a `scene_batch`), each image's summed fact loss and each crop's patch loss."""
-    feats, patches = model.model.vision_embed_tokens.encode(b["pixel_values"], b["image_sizes"])
+    feats, patches = encode_once(model, b["pixel_values"], b["image_sizes"])
     aux = fact_loss(probes.facts, feats, b["image_tokens"], b["facts"])
     return feats, aux, patch_loss(probes.patches, patches, b["patch_targets"])
 
@@ -423,6 +435,16 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
     (folder / "pocket.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def check_recipe(batch_size: int, mix: tuple[int, ...], vision_steps: int, vision_scenes: int) -> None:
+    """Raise ValueError, naming the options, unless `mix` can fill a batch and the vision phase's scenes."""
+    if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) == 0 or batch_size % sum(mix):
+        raise ValueError(f"--mix {' '.join(map(str, mix))}: one count per task ({', '.join(TASKS)}), none "
+                         f"negative, adding up to a divisor of the batch size {batch_size}")  # fmt: skip
+    if vision_steps < 0 or (vision_steps and (vision_scenes < 1 or vision_scenes % sum(mix))):
+        raise ValueError(f"--vision-steps {vision_steps} --vision-scenes {vision_scenes}: the vision phase needs "
+                         f"0 or more steps of a positive multiple of {sum(mix)} scenes (the sum of --mix)")  # fmt: skip
+
+
 def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
     vision_lr: float = 1.0, low_res_steps: int = 0, bf16: bool = False, drills: bool = False,
@@ -441,12 +463,7 @@ def train(
     counts in `train_seconds`. Returns pocket.json's content."""
     from tqdm import tqdm
 
-    if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) == 0 or batch_size % sum(mix):
-        raise ValueError(f"--mix {' '.join(map(str, mix))}: one count per task ({', '.join(TASKS)}), none "
-                         f"negative, adding up to a divisor of the batch size {batch_size}")  # fmt: skip
-    if vision_steps < 0 or vision_scenes < 1 or vision_scenes % sum(mix):
-        raise ValueError(f"--vision-steps {vision_steps} --vision-scenes {vision_scenes}: the vision phase needs "
-                         f"0 or more steps of a positive multiple of {sum(mix)} scenes (the sum of --mix)")  # fmt: skip
+    check_recipe(batch_size, mix, vision_steps, vision_scenes)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, seed, drills)
@@ -535,6 +552,10 @@ def main() -> None:
                     help="first train the vision path alone for N steps, on the facts and per-patch targets")
     ap.add_argument("--vision-scenes", type=int, default=VISION_SCENES, help="scenes per step of the vision phase")
     a = ap.parse_args()
+    try:
+        check_recipe(a.batch_size, tuple(a.mix), a.vision_steps, a.vision_scenes)
+    except ValueError as e:
+        ap.error(str(e))
     info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr, a.low_res_steps,
                  a.bf16, a.drills, a.norm_probe, a.patch, a.patch_weight, tuple(a.mix), a.vision_steps,
                  a.vision_scenes)  # fmt: skip
