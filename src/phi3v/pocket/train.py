@@ -260,9 +260,10 @@ def encode_once(model: Phi3VForCausalLM, pixel_values: Tensor, image_sizes: Tens
     and gradients (the one result feeds both places), for half the tower's work in the low-resolution steps."""
     emb = model.model.vision_embed_tokens
     crops = emb.real_crops(pixel_values, image_sizes)
-    if any(grid != (1, 1) for grid in emb.crop_grids(image_sizes)) or not torch.equal(crops[0::2], crops[1::2]):
-        return emb.encode(pixel_values, image_sizes)
-    patches = emb.img_processor(crops[0::2]).repeat_interleave(2, dim=0)
+    if all(grid == (1, 1) for grid in emb.crop_grids(image_sizes)) and torch.equal(crops[0::2], crops[1::2]):
+        patches = emb.img_processor(crops[0::2]).repeat_interleave(2, dim=0)
+    else:  # encode's own path, from the crops already gathered
+        patches = emb.img_processor(crops)
     return emb.project(patches, image_sizes), patches
 
 
