@@ -510,14 +510,16 @@ def test_collated_patch_targets_match_the_crops():
     check_recipe(18, (1, 3, 2, 3), vision_steps=0, vision_scenes=8)  # no phase: its scene count is unused
 
 
-def test_training_script_refuses_a_bad_recipe_in_one_line():
+def test_training_script_refuses_a_bad_recipe_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "phi3v.pocket.train", "--mix", "3", "1", "1", "1"],
+    # 7 divides neither 16 nor the default 18; --out keeps the shipped files safe if it ever did train
+    r = subprocess.run([sys.executable, "-m", "phi3v.pocket.train", "--mix", "3", "1", "1", "2", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "--mix 3 1 1 1: one count per task" in r.stderr.strip().splitlines()[-1]
+    assert "--mix 3 1 1 2: one count per task" in r.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
 
 
 def test_encode_once_matches_the_full_encode_in_values_and_gradients():

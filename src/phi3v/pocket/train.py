@@ -1,7 +1,7 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--vision-steps 1500] [--steps 2700] [--low-res-steps 1830] [--patch-weight 1]
-                                 [--vision-scenes 8] [--patch 42] [--mix 1 1 1 1] [--drills] [--bf16]
+    python -m phi3v.pocket.train [--vision-steps 1000] [--steps 2000] [--low-res-steps 1380] [--patch-weight 1]
+                                 [--batch-size 18] [--mix 1 3 2 3] [--vision-scenes 9] [--patch 42] [--drills] [--bf16]
                                  [--norm-probe] [--vision-lr 1]
                                  [--out src/phi3v/pocket/weights] [--seed 0]
 
@@ -529,13 +529,14 @@ def train(
 
 
 def main() -> None:
+    # the defaults are the shipped weights' recipe (docs/pocket.md, "How it is trained")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FOLDER)
-    ap.add_argument("--steps", type=int, default=2700)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=18)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and the probes")
-    ap.add_argument("--low-res-steps", type=int, default=1830, help="the first N steps show images at num_crops=1")
+    ap.add_argument("--low-res-steps", type=int, default=1380, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
@@ -547,11 +548,11 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=PATCH, help="the tower's patch size, px (336 / patch even)")
     ap.add_argument("--patch-weight", type=float, default=1.0,
                     help="weight of the per-patch loss: what lies under each patch (0: none)")  # fmt: skip
-    ap.add_argument("--mix", type=int, nargs=len(TASKS), default=EVEN_MIX, metavar="N",
+    ap.add_argument("--mix", type=int, nargs=len(TASKS), default=(1, 3, 2, 3), metavar="N",
                     help=f"conversations of each task ({', '.join(TASKS)}) per sum of them in a batch")  # fmt: skip
-    ap.add_argument("--vision-steps", type=int, default=1500,
+    ap.add_argument("--vision-steps", type=int, default=1000,
                     help="first train the vision path alone for N steps, on the facts and per-patch targets")
-    ap.add_argument("--vision-scenes", type=int, default=VISION_SCENES, help="scenes per step of the vision phase")
+    ap.add_argument("--vision-scenes", type=int, default=9, help="scenes per step of the vision phase")
     a = ap.parse_args()
     try:
         check_recipe(a.batch_size, tuple(a.mix), a.vision_steps, a.vision_scenes)
