@@ -14,8 +14,8 @@ from phi3v.pocket.evaluate import HELD_OUT_SEED, answer, evaluate, held_out
 
 # What the shipped model must keep doing on the CI set (200 examples, 50 per task): per task, a floor and a
 # margin over the same questions asked about another example's images. Measured on this set when it was
-# trained (docs/pocket.md): shapes 0.62 vs 0.10, chart 0.86 vs 0.26, change 0.56 vs 0.00. OCR is not learned yet.
-FLOORS = {"shapes": (0.5, 0.35), "chart": (0.74, 0.45), "change": (0.44, 0.4)}
+# trained (docs/pocket.md): shapes 0.60 vs 0.10, chart 0.78 vs 0.22, change 0.70 vs 0.00. OCR is not learned yet.
+FLOORS = {"shapes": (0.48, 0.35), "chart": (0.66, 0.42), "change": (0.56, 0.5)}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Train the pocket model from scratch on generated data and write the files that ship in the package.
 
-    python -m phi3v.pocket.train [--vision-steps 1000] [--steps 2000] [--low-res-steps 1380] [--patch-weight 1]
+    python -m phi3v.pocket.train [--vision-steps 1000] [--steps 2300] [--low-res-steps 1590] [--patch-weight 1]
                                  [--batch-size 18] [--mix 1 3 2 3] [--vision-scenes 9] [--patch 42] [--drills] [--bf16]
                                  [--norm-probe] [--vision-lr 1]
                                  [--out src/phi3v/pocket/weights] [--seed 0]
@@ -532,11 +532,11 @@ def main() -> None:
     # the defaults are the shipped weights' recipe (docs/pocket.md, "How it is trained")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=FOLDER)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=2300)
     ap.add_argument("--batch-size", type=int, default=18)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--vision-lr", type=float, default=1.0, help="multiple of --lr for the vision path and the probes")
-    ap.add_argument("--low-res-steps", type=int, default=1380, help="the first N steps show images at num_crops=1")
+    ap.add_argument("--low-res-steps", type=int, default=1590, help="the first N steps show images at num_crops=1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=400, help="held-out examples to score at the end (0: none)")
     ap.add_argument("--save-every", type=int, default=200,
