@@ -542,7 +542,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=200,
                     help="also write the files every N steps (0: only at the end)")  # fmt: skip
     ap.add_argument("--bf16", action="store_true",
-                    help="bfloat16 autocast (a step 1.4x as fast on an AVX512-BF16 EPYC, slower with AMX; docs/pocket.md)")
+                    help="bfloat16 autocast (1.2x as fast on an AVX512-BF16 EPYC, slower with AMX; docs/pocket.md)")
     ap.add_argument("--drills", action="store_true", help="also the training-only questions (docs/pocket.md)")
     ap.add_argument("--norm-probe", action="store_true", help="the fact probe reads layer-normed features")
     ap.add_argument("--patch", type=int, default=PATCH, help="the tower's patch size, px (336 / patch even)")
