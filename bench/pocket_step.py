@@ -16,30 +16,26 @@ import json
 import platform
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from phi3v.model import Phi3VForCausalLM
+from phi3v.cpu_kernels import cpu_flags
+from phi3v.pocket import FOLDER
 from phi3v.pocket import train as T
+from phi3v.prompt import Tokenizer
 
 
-def seconds_per_step(num_crops: int, bf16: bool, steps: int, batch_size: int, mix: tuple[int, ...]) -> float:
+def seconds_per_step(tok: Tokenizer, num_crops: int, bf16: bool, steps: int, batch_size: int,
+                     mix: tuple[int, ...]) -> float:  # fmt: skip
     """Mean seconds of `steps` timed training steps (after two untimed ones) of a freshly initialised model."""
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        tok = T.build_tokenizer(Path(folder), seed=0)
-    cfg = T.pocket_config(-(-tok.vocab_size // 64) * 64, tok.pad_token_id)
-    model = Phi3VForCausalLM(cfg)
-    T.init_weights(model, 0)
-    probes = T.Probes(cfg)
+    model, probes = T.new_model(tok, seed=0)
     opt = T.optimizer(model, probes, 1e-3)
-    tasks = [t for t, k in zip(T.TASKS, mix) for _ in range(k)]
+    tasks = T.task_cycle(mix)
     rng = random.Random(0)
     batches = [T.micro_batches(tok, [T.conversation(tasks[i % len(tasks)], rng) for i in range(batch_size)],
-                               cfg.vision.tokens_per_side, num_crops) for _ in range(steps + 2)]  # fmt: skip
+                               model.config.vision.tokens_per_side, num_crops) for _ in range(steps + 2)]  # fmt: skip
 
     def step(i: int) -> None:
         T.optimizer_step(model, opt, i, 100, lambda: T.train_step(model, probes, batches[i], bf16, 1.0))
@@ -58,7 +54,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=18)
     ap.add_argument("--mix", type=int, nargs=len(T.TASKS), default=(1, 3, 2, 3), metavar="N")
     a = ap.parse_args()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    tok = Tokenizer.from_dir(FOLDER)  # the shipped one: the training script's seed-0 tokenizer, byte for byte
+    flags = cpu_flags() or frozenset()
     report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                          f"avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, amx {'yes' if 'amx_bf16' in flags else 'no'}",
               "batch_size": a.batch_size, "mix": list(a.mix), "steps": a.steps, "repeats": a.repeats}  # fmt: skip
@@ -66,7 +63,7 @@ def main() -> None:
         runs: dict[str, list[float]] = {"float32": [], "bfloat16 autocast": []}
         for _ in range(a.repeats):
             for name in runs:
-                runs[name].append(seconds_per_step(num_crops, name != "float32", a.steps, a.batch_size, tuple(a.mix)))
+                runs[name].append(seconds_per_step(tok, num_crops, name != "float32", a.steps, a.batch_size, tuple(a.mix)))
         med = {name: statistics.median(v) for name, v in runs.items()}
         report[f"num_crops={num_crops}"] = {
             "seconds_per_step": {name: [round(x, 3) for x in v] for name, v in runs.items()},

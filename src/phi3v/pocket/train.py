@@ -85,6 +85,21 @@ def build_tokenizer(folder: Path, seed: int, drills: bool = False) -> Tokenizer:
     return Tokenizer.from_dir(folder)
 
 
+def new_model(tok: Tokenizer, seed: int, patch: int = PATCH, norm_probe: bool = False) -> tuple[Phi3VForCausalLM, Probes]:
+    """A pocket model for `tok`, initialised from `seed` (`init_weights`; its vocabulary padded to a multiple
+    of 64, like Phi-3's 32064), and its training-only `Probes`."""
+    cfg = pocket_config(-(-tok.vocab_size // 64) * 64, tok.pad_token_id, patch)
+    model = Phi3VForCausalLM(cfg)
+    init_weights(model, seed)
+    return model, Probes(cfg, norm_probe)
+
+
+def task_cycle(mix: tuple[int, ...]) -> list[str]:
+    """TASKS, each `mix` times in a row: conversation i of a batch (scene i of a vision step) is of task
+    cycle[i % len(cycle)]."""
+    return [t for t, k in zip(TASKS, mix) for _ in range(k)]
+
+
 def init_weights(model: nn.Module, seed: int) -> None:
     """GPT-2 style: N(0, 0.02) for matrices, embeddings and separators; zero biases; unit norms."""
     gen = torch.Generator().manual_seed(seed)
@@ -468,15 +483,11 @@ def train(
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, seed, drills)
-    vocab = -(-tok.vocab_size // 64) * 64  # padded like Phi-3's 32064
-    cfg = pocket_config(vocab, tok.pad_token_id, patch)
-    model = Phi3VForCausalLM(cfg)
-    init_weights(model, seed)
-    side = cfg.vision.tokens_per_side
+    model, probes = new_model(tok, seed, patch, norm_probe)
+    side = model.config.vision.tokens_per_side
     params = sum(p.numel() for p in model.parameters())
-    probes = Probes(cfg, norm_probe)
     opt = optimizer(model, probes, lr, vision_lr)
-    tasks = [t for t, k in zip(TASKS, mix) for _ in range(k)]
+    tasks = task_cycle(mix)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     smooth = [0.0, 0.0, 0.0]
