@@ -162,12 +162,31 @@ def test_quantize_errors(tiny_checkpoint):
         load_model(tiny_checkpoint, quantize="int4", group_size=128)
 
 
-def test_freed_memory_goes_back_to_the_os_unless_the_user_tuned_malloc(monkeypatch):
-    """glibc's malloc is told to map blocks of 1 MiB and up on their own (weights.return_freed_memory)."""
+def test_freed_memory_goes_back_to_the_os_while_quantizing_unless_the_user_tuned_malloc(monkeypatch, tiny_checkpoint):
+    """A quantized CPU load maps blocks of 1 MiB and up on their own while it quantizes, then lets prompts use
+    the heap up to 16 MiB (weights.freed_memory_returned); other loads and a user's own setting are left alone."""
+    calls = []
+    monkeypatch.setattr(weights, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    load_model(tiny_checkpoint, quantize="int8")
+    assert calls == [(weights.M_MMAP_THRESHOLD, 1 << 20), (weights.M_MMAP_THRESHOLD, 16 << 20)]
+    calls.clear()
+    load_model(tiny_checkpoint)
+    assert calls == []
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    weights.return_freed_memory.cache_clear()
-    assert weights.return_freed_memory() is False
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    weights.return_freed_memory.cache_clear()
+    load_model(tiny_checkpoint, quantize="int4", group_size=32)
+    assert calls == []
+
+
+def test_the_threshold_is_restored_when_a_quantized_load_fails(monkeypatch):
+    calls = []
+    monkeypatch.setattr(weights, "_mallopt", lambda param, value: calls.append(value) or True)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with pytest.raises(RuntimeError), weights.freed_memory_returned():
+        raise RuntimeError("a shard cannot be read")
+    assert calls == [1 << 20, 16 << 20]
+
+
+def test_mallopt_is_real_on_glibc():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert weights.return_freed_memory() is True
+        assert weights._mallopt(weights.M_MMAP_THRESHOLD, weights.AFTER_QUANTIZING) is True

@@ -7,13 +7,14 @@ released at once, so peak memory stays close to the size of the converted weight
 float32 load the token embedding keeps the file's 16-bit dtype (and so, on the CPU, stays in the map),
 since a lookup reads only a few rows and `Phi3VForCausalLM.embed` widens them exactly.
 
-Quantized loads also need the C allocator to give freed memory back: see `return_freed_memory`.
+Quantized loads also need the C allocator to give freed memory back while they run: see
+`freed_memory_returned`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import functools
 import json
 import mmap
 import os
@@ -149,25 +150,43 @@ def is_ignored(name: str, cfg: Phi3VConfig) -> bool:
     return m is not None and int(m.group(1)) >= cfg.vision.layers_to_run
 
 
-@functools.cache
-def return_freed_memory() -> bool:
-    """Make glibc's malloc serve blocks of 1 MiB and up with their own mappings, returned on free.
+# glibc's M_MMAP_THRESHOLD: blocks of this many bytes and up get their own mappings, returned on free.
+M_MMAP_THRESHOLD = -3
+WHILE_QUANTIZING = 1 << 20
+AFTER_QUANTIZING = 16 << 20  # prompts' activations from the heap (docs/benchmarks.md has 8 and 32 MiB too)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False where there is none (another C library) or it refuses."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def freed_memory_returned(enabled: bool = True) -> Iterator[None]:
+    """While quantizing, make glibc's malloc serve blocks of 1 MiB and up with their own mappings, returned
+    on free; afterwards, blocks up to 16 MiB from the heap.
 
     Its default threshold grows to 32 MiB as big blocks are freed, so the tens-of-MB temporaries of
-    quantizing (and, later, of prompts) come from the heap, whose freed holes stay resident between
-    the layers kept around them: measured 0.6-1.7 GiB of extra peak RSS in an int4 run, varying run to
-    run. Only quantized loads ask for it: fresh mappings cost page faults, which made the bf16 vision
-    tower 15% slower (its float32 copies of bf16 weights are such blocks) for no memory gained there.
-    A user's own MALLOC_MMAP_THRESHOLD_ wins; returns whether the setting was made.
+    quantizing come from the heap, whose freed holes stay resident between the layers kept around them:
+    measured 0.6-1.7 GiB of extra peak RSS in an int4 run, varying run to run. Kept at 1 MiB after the
+    load, every prompt's activations became fresh mappings, whose page faults cost a quarter of a quantized
+    model's time to first token (AMX Xeon, Phi-3-V at num_crops=4, bench/speed.py: int8 11.7 s, 8.9 s with
+    16 MiB; int4 11.9 s, 8.5-8.9 s) for 0.15-0.17 GiB more peak RSS. 32 MiB was a little faster (7.8 and
+    8.4 s) but held 0.29 GiB more, taking int4 past issue 5's 3.5 GB. Once set, glibc no longer adjusts the
+    threshold itself, hence an explicit one afterwards. A user's own MALLOC_MMAP_THRESHOLD_ wins: then
+    nothing is set.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
+    enabled = enabled and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    if enabled:
+        enabled = _mallopt(M_MMAP_THRESHOLD, WHILE_QUANTIZING)
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_mmap_threshold = -3
-    return bool(mallopt(m_mmap_threshold, 1 << 20))
+        yield
+    finally:
+        if enabled:
+            _mallopt(M_MMAP_THRESHOLD, AFTER_QUANTIZING)
 
 
 def load_model(
@@ -194,8 +213,6 @@ def load_model(
     if cfg is None:
         raise Phi3VError(f"{folder} has no config.json; pass the folder of a Phi-3-Vision checkpoint")
     device = torch.device(device)
-    if device.type == "cpu" and quantize is not None:
-        return_freed_memory()
     with torch.device("meta"):
         model = cls(cfg)
     want = expected_keys(model)
@@ -228,19 +245,20 @@ def load_model(
         by_file.setdefault(files[theirs], set()).add(theirs)
     renamed = {theirs: ours for ours, theirs in stored.items()}
     state, layers, done = {}, {}, 0
-    for path, names in sorted(by_file.items()):
-        for name, t in iter_tensors(path, names, convert):
-            ours = renamed[name]
-            shape = (t.out_features, t.in_features) if isinstance(t, torch.nn.Module) else t.shape
-            if tuple(shape) != tuple(want[ours]):
-                raise Phi3VError(f"{name} has shape {tuple(shape)} in {path.name}, expected {tuple(want[ours])}")
-            if isinstance(t, torch.nn.Module):
-                layers[ours.removesuffix(".weight")] = t
-            else:
-                state[ours] = t
-            done += 1
-            if progress is not None:
-                progress(done, len(stored))
+    with freed_memory_returned(device.type == "cpu" and quantize is not None):
+        for path, names in sorted(by_file.items()):
+            for name, t in iter_tensors(path, names, convert):
+                ours = renamed[name]
+                shape = (t.out_features, t.in_features) if isinstance(t, torch.nn.Module) else t.shape
+                if tuple(shape) != tuple(want[ours]):
+                    raise Phi3VError(f"{name} has shape {tuple(shape)} in {path.name}, expected {tuple(want[ours])}")
+                if isinstance(t, torch.nn.Module):
+                    layers[ours.removesuffix(".weight")] = t
+                else:
+                    state[ours] = t
+                done += 1
+                if progress is not None:
+                    progress(done, len(stored))
     for name, layer in layers.items():
         if f"{name}.bias" in state:
             layer.bias = state.pop(f"{name}.bias")
