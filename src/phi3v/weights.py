@@ -176,8 +176,9 @@ def freed_memory_returned(enabled: bool = True) -> Iterator[None]:
     model's time to first token (AMX Xeon, Phi-3-V at num_crops=4, bench/speed.py: int8 11.7 s, 8.9 s with
     16 MiB; int4 11.9 s, 8.5-8.9 s) for 0.15-0.17 GiB more peak RSS. 32 MiB was a little faster (7.8 and
     8.4 s) but held 0.29 GiB more, taking int4 past issue 5's 3.5 GB. Once set, glibc no longer adjusts the
-    threshold itself, hence an explicit one afterwards. A user's own MALLOC_MMAP_THRESHOLD_ wins: then
-    nothing is set.
+    threshold itself, hence an explicit one afterwards. Only quantized loads ask for it (`enabled`): other
+    loads make no such temporaries, and fresh mappings made the bf16 vision tower 15% slower (its float32
+    copies of bf16 weights are such blocks). A user's own MALLOC_MMAP_THRESHOLD_ wins: then nothing is set.
     """
     enabled = enabled and "MALLOC_MMAP_THRESHOLD_" not in os.environ
     if enabled:
