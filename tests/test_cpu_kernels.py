@@ -182,6 +182,37 @@ def test_the_kernels_build_where_they_can():
     assert own is not None
 
 
+@needs_own
+@pytest.mark.skipif(not cpu_kernels.has_vnni() or not cpu_kernels.has_avx512_bf16(), reason="no AVX512 kernels here")
+@pytest.mark.parametrize("ahead", [64, 2048, 1 << 20])
+def test_prefetching_changes_no_result(ahead):
+    """The AVX512 kernels' prefetch distance (cpu_kernels.prefetch_bytes) only asks for cache lines early:
+    the same bits with it as without, even asking far past the weight's end."""
+    layer8, x, _ = layer_and_input("int8", 520, 3072)
+    layer4, _, _ = layer_and_input("int4", 256, 3072, 128)
+    w = layer_and_input("int8", 520, 3072)[0].dequantize(torch.bfloat16)
+    xb = x.bfloat16()
+    for run in (lambda pf: own.int8_gemv_vnni(x, layer8.qweight, layer8.scales, pf),
+                lambda pf: own.int4_gemv_b64(x, layer4.qweight, layer4.scales_and_zeros, 128, pf),
+                lambda pf: own.bf16_gemv_avx512(xb, w, pf)):  # fmt: skip
+        assert torch.equal(run(ahead), run(0))
+
+
+def test_prefetch_distance_by_vendor_and_environment(monkeypatch, capsys):
+    """2048 bytes on Intel CPUs, none elsewhere; PHI3V_PREFETCH overrides, and a bad value is ignored
+    with one line."""
+    choose = cpu_kernels.prefetch_bytes.__wrapped__
+    monkeypatch.delenv("PHI3V_PREFETCH", raising=False)
+    for vendor, want in [("GenuineIntel", 2048), ("AuthenticAMD", 0), (None, 0)]:
+        monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda v=vendor: v)
+        assert choose() == want
+    monkeypatch.setenv("PHI3V_PREFETCH", "512")
+    assert choose() == 512
+    monkeypatch.setenv("PHI3V_PREFETCH", "lots")
+    assert choose() == 0  # the vendor default (None above)
+    assert "ignoring PHI3V_PREFETCH='lots'" in capsys.readouterr().err
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("PHI3V_NATIVE", "0")
     assert cpu_kernels.get.__wrapped__() is None

@@ -99,6 +99,16 @@ inline __m256 load8(const at::BFloat16* p) {  // a bfloat16 is the high half of 
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// Asks for the two cache lines `ahead` bytes past p: a loop round's 128 bytes of a weight row. The AVX512
+// kernels read each thread's share of a weight as one stream, and on the Intel Xeon the hardware prefetcher
+// alone keeps too few of its lines in flight (bench/kernels.py --cold, docs/benchmarks.md). They take the
+// choice as a template flag: with a run-time `if (ahead)` here, GCC 12 dropped the prefetches altogether.
+inline void prefetch_lines(const void* p, int64_t ahead) {
+  const char* c = static_cast<const char*>(p) + ahead;
+  _mm_prefetch(c, _MM_HINT_T0);
+  _mm_prefetch(c + 64, _MM_HINT_T0);
+}
+
 constexpr int64_t kMaxHeadDim = 256;
 
 // out = softmax(q . k_s * scale over s < len) . v for one head: q, out (D) float32, k and v (len, D) rows.
@@ -240,13 +250,15 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
 // per thread) read 10-25% faster here than four interleaved rows. Needs K % 32 == 0.
 #define PHI3V_AVX512BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 
+template <bool kPrefetch>
 static PHI3V_AVX512BF16 void bf16_rows_avx512(const at::BFloat16* w, const at::BFloat16* x, int64_t K,
-                                              int64_t n0, int64_t n1, float* y) {
+                                              int64_t n0, int64_t n1, int64_t prefetch, float* y) {
   for (int64_t n = n0; n < n1; n++) {
     const at::BFloat16* r = w + n * K;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // two chains hide the latency
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+      if constexpr (kPrefetch) prefetch_lines(r + k, prefetch);
       a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(x + k));
       a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
     }
@@ -255,7 +267,7 @@ static PHI3V_AVX512BF16 void bf16_rows_avx512(const at::BFloat16* w, const at::B
   }
 }
 
-torch::Tensor bf16_gemv_avx512(torch::Tensor x, torch::Tensor w) {
+torch::Tensor bf16_gemv_avx512(torch::Tensor x, torch::Tensor w, int64_t prefetch) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
               "x must be one contiguous bfloat16 row");
   TORCH_CHECK(w.is_contiguous() && w.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && w.device().is_cpu(),
@@ -266,7 +278,12 @@ torch::Tensor bf16_gemv_avx512(torch::Tensor x, torch::Tensor w) {
   auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   const at::BFloat16 *wp = w.data_ptr<at::BFloat16>(), *xp = x.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { bf16_rows_avx512(wp, xp, K, begin, end, yp); });
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    if (prefetch > 0)
+      bf16_rows_avx512<true>(wp, xp, K, begin, end, prefetch, yp);
+    else
+      bf16_rows_avx512<false>(wp, xp, K, begin, end, 0, yp);
+  });
   return y;
 }
 
@@ -317,13 +334,21 @@ static inline PHI3V_VNNI __m256 int8_block_vnni(const int8_t* r, const Q8Row& xq
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xq.d[b]), acc);
 }
 
+template <bool kPrefetch>
 static PHI3V_VNNI void int8_rows_vnni(const int8_t* q, const Q8Row& xq, const float* scales, int64_t K,
-                                      int64_t n0, int64_t n1, float* y) {
+                                      int64_t n0, int64_t n1, int64_t prefetch, float* y) {
   const int64_t B = K / 32;
   for (int64_t n = n0; n < n1; n++) {
     const int8_t* r = q + n * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
     int64_t b = 0;
+    for (; b + 4 <= B; b += 4) {  // a cache line and a half of the weight a round
+      if constexpr (kPrefetch) prefetch_lines(r + 32 * b, prefetch);
+      a0 = int8_block_vnni(r, xq, b, a0);
+      a1 = int8_block_vnni(r, xq, b + 1, a1);
+      a0 = int8_block_vnni(r, xq, b + 2, a0);
+      a1 = int8_block_vnni(r, xq, b + 3, a1);
+    }
     for (; b + 2 <= B; b += 2) {
       a0 = int8_block_vnni(r, xq, b, a0);
       a1 = int8_block_vnni(r, xq, b + 1, a1);
@@ -333,7 +358,7 @@ static PHI3V_VNNI void int8_rows_vnni(const int8_t* q, const Q8Row& xq, const fl
   }
 }
 
-torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor scales, int64_t prefetch) {
   check_int8(x, q, scales);
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"),
@@ -343,7 +368,12 @@ torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { int8_rows_vnni(qp, xq, sp, K, begin, end, yp); });
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    if (prefetch > 0)
+      int8_rows_vnni<true>(qp, xq, sp, K, begin, end, prefetch, yp);
+    else
+      int8_rows_vnni<false>(qp, xq, sp, K, begin, end, 0, yp);
+  });
   return like_x(y, x);
 }
 
@@ -424,8 +454,9 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int6
 constexpr int b64_base(int i) { return (i / 4) * 32 + (i % 4) * 4; }
 
 // Output rows 64b..64b+63 (yb) from the block's codes p (K * 32 bytes), as int4_gemv does for 32 rows.
+template <bool kPrefetch>
 static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const float* xsums, const int32_t* szp,
-                               int64_t K, int64_t N, int64_t group, int64_t b, float* yb) {
+                               int64_t K, int64_t N, int64_t group, int64_t b, int64_t prefetch, float* yb) {
   const __m256i nibbles = _mm256_set1_epi8(15);
   const int32_t* xquads = reinterpret_cast<const int32_t*>(xq.q.data());  // (x_k .. x_k+3) byte quads
   __m256 out[8];
@@ -437,8 +468,7 @@ static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const f
       __m256i s[8];
       for (auto& v : s) v = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++, p += 128) {
-        // No software prefetch: the hardware's follows this single stream, and prefetching 512-4096 bytes
-        // ahead measured 1-9% slower.
+        if constexpr (kPrefetch) prefetch_lines(p, prefetch);
         const __m256i xv = _mm256_set1_epi32(xquads[blk * 8 + j]);
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
@@ -476,7 +506,7 @@ static PHI3V_VNNI void int4_b64_block(const uint8_t* p, const Q8Row& xq, const f
 }
 
 // Needs N % 64 == 0, group % 32 == 0, and a CPU with AVX512-VNNI.
-torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group) {
+torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int64_t group, int64_t prefetch) {
   check_int4(x, q, sz, group, 64);
   const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"),
@@ -488,8 +518,12 @@ torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, 
   auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 64, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; b++)
-      int4_b64_block(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, yp + b * 64);
+    for (int64_t b = begin; b < end; b++) {
+      if (prefetch > 0)
+        int4_b64_block<true>(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, prefetch, yp + b * 64);
+      else
+        int4_b64_block<false>(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, 0, yp + b * 64);
+    }
   });
   return like_x(y, x);
 }
@@ -637,12 +671,15 @@ torch::Tensor quantize_row_for_test(torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "one float32 row times a bfloat16 weight");
-  m.def("bf16_gemv_avx512", &bf16_gemv_avx512, "one bfloat16 row times a bfloat16 weight (AVX512-BF16 dot products)");
+  m.def("bf16_gemv_avx512", &bf16_gemv_avx512, "one bfloat16 row times a bfloat16 weight (AVX512-BF16 dot products)",
+        py::arg("x"), py::arg("w"), py::arg("prefetch") = 0);
   m.def("int8_gemv", &int8_gemv, "one float32 row, quantized to int8, times an int8 weight (per-row scales)");
-  m.def("int8_gemv_vnni", &int8_gemv_vnni, "int8_gemv with AVX512-VNNI dot products");
+  m.def("int8_gemv_vnni", &int8_gemv_vnni, "int8_gemv with AVX512-VNNI dot products", py::arg("x"), py::arg("q"),
+        py::arg("scales"), py::arg("prefetch") = 0);
   m.def("int4_gemv", &int4_gemv, "one float32 row, quantized to int8, times an int4 weight (PyTorch's AVX2 layout)");
   m.def("int4_gemv_b64", &int4_gemv_b64,
-        "one float32 row, quantized to int8, times an int4 weight (PyTorch's AVX512 layout; needs AVX512-VNNI)");
+        "one float32 row, quantized to int8, times an int4 weight (PyTorch's AVX512 layout; needs AVX512-VNNI)",
+        py::arg("x"), py::arg("q"), py::arg("sz"), py::arg("group"), py::arg("prefetch") = 0);
   m.def("dequantize_int8_bf16", &dequantize_int8_bf16, "rows lo..hi of an int8 weight as bfloat16, into out");
   m.def("dequantize_int4_b64_bf16", &dequantize_int4_b64_bf16,
         "rows lo..hi of an int4 weight (PyTorch's AVX512 layout) as bfloat16, into out");

@@ -170,7 +170,7 @@ class Linear(nn.Linear):
         if w.dtype == torch.bfloat16 and (own := _own_kernels(x, w.shape[0] % 4 == 0 and w.shape[1] % 16 == 0, w)):
             x1 = x.reshape(1, -1)
             if x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and cpu_kernels.has_avx512_bf16():
-                y = cpu_kernels.run(own.bf16_gemv_avx512, x1.contiguous(), w)  # the same products, exactly
+                y = cpu_kernels.run(own.bf16_gemv_avx512, x1.contiguous(), w, cpu_kernels.prefetch_bytes())
             else:
                 y = cpu_kernels.run(own.bf16_gemv, x1.float().contiguous(), w)
             y = y.reshape(*x.shape[:-1], -1)
@@ -230,8 +230,11 @@ class Int8Linear(nn.Module):
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
         if (own := _own_kernels(x, self.out_features % 4 == 0 and self.in_features % 32 == 0)) is not None:
-            kernel = own.int8_gemv_vnni if cpu_kernels.has_vnni() else own.int8_gemv
-            y = cpu_kernels.run(kernel, _kernel_row(x2), self.qweight, self.scales)
+            if cpu_kernels.has_vnni():
+                y = cpu_kernels.run(own.int8_gemv_vnni, _kernel_row(x2), self.qweight, self.scales,
+                                    cpu_kernels.prefetch_bytes())  # fmt: skip
+            else:
+                y = cpu_kernels.run(own.int8_gemv, _kernel_row(x2), self.qweight, self.scales)
             return _finish(self, y, x)
         kd = _kernel_dtype(x)
         key = (kd, self.scales.device)
@@ -304,8 +307,9 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         kernel = _own_int4_kernel(block, self.out_features, self.group_size)
         if (own := _own_kernels(x, kernel is not None)) is not None:
+            extra = (cpu_kernels.prefetch_bytes(),) if kernel == "int4_gemv_b64" else ()
             y = cpu_kernels.run(getattr(own, kernel), _kernel_row(x2), self.qweight, self.scales_and_zeros,
-                                self.group_size)  # fmt: skip
+                                self.group_size, *extra)  # fmt: skip
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_and_zeros)  # fmt: skip
