@@ -203,11 +203,11 @@ def test_prefetch_distance_by_vendor_and_environment(monkeypatch, capsys):
     with one line."""
     choose = cpu_kernels.prefetch_bytes.__wrapped__
     monkeypatch.delenv("PHI3V_PREFETCH", raising=False)
-    for vendor, want in [("GenuineIntel", 2048), ("AuthenticAMD", 0), (None, 0)]:
+    for vendor, weights, cache in [("GenuineIntel", 2048, 512), ("AuthenticAMD", 0, 0), (None, 0, 0)]:
         monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda v=vendor: v)
-        assert choose() == want
-    monkeypatch.setenv("PHI3V_PREFETCH", "512")
-    assert choose() == 512
+        assert (choose(), choose(attention=True)) == (weights, cache)
+    monkeypatch.setenv("PHI3V_PREFETCH", "1024")
+    assert choose() == choose(attention=True) == 1024
     monkeypatch.setenv("PHI3V_PREFETCH", "lots")
     assert choose() == 0  # the vendor default (None above)
     assert "ignoring PHI3V_PREFETCH='lots'" in capsys.readouterr().err
@@ -288,11 +288,13 @@ def softmax_attention(q, k, v, lengths):
 
 @needs_own
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H, Hkv, D, spread", [(4, 4, 96, 1.0), (6, 2, 40, 1.0), (2, 1, 8, 30.0)])
-def test_decode_attention_is_softmax_attention_over_each_rows_keys(dtype, H, Hkv, D, spread):
+@pytest.mark.parametrize("H, Hkv, D, spread", [(4, 4, 96, 1.0), (6, 2, 40, 1.0), (2, 1, 8, 30.0), (2, 1, 32, 30.0)])
+@pytest.mark.parametrize("prefetch", [0, 512])
+def test_decode_attention_is_softmax_attention_over_each_rows_keys(dtype, H, Hkv, D, spread, prefetch):
     """Float32 or bf16 cache views (capacity beyond the keys in use, NaN there), grouped heads, an odd
-    number of 8-wide chunks (D=40), lengths off the 8-wide exp blocks, and scores 30x wider than usual
-    (differences past e^-87) all give softmax attention within float32 rounding."""
+    number of 8-wide chunks (D=40; D=32 and 96 take the AVX512 variant where there is one), lengths off the
+    8-key and 8-wide exp blocks, and scores 30x wider than usual (differences past e^-87) all give softmax
+    attention within float32 rounding, with or without prefetching."""
     g = torch.Generator().manual_seed(int(D + spread))
     B, capacity = 3, 48
     lengths = torch.tensor([1, 13, 45])
@@ -301,7 +303,7 @@ def test_decode_attention_is_softmax_attention_over_each_rows_keys(dtype, H, Hkv
         cache[:, b, :, n:] = float("nan")  # what attention must never read
     k, v = cache[0][:, :, :45], cache[1][:, :, :45]
     q = torch.randn(B, H, D, generator=g) * spread
-    got = own.decode_attention(q, k, v, lengths, D**-0.5)
+    got = own.decode_attention(q, k, v, lengths, D**-0.5, prefetch)
     ref = softmax_attention(q, k, v, lengths)
     assert got.dtype == torch.float32 and not got.isnan().any()
     assert (got.double() - ref).abs().max() < 1e-5 * ref.abs().max()

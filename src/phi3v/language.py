@@ -70,7 +70,8 @@ class Attention(nn.Module):
             k, v = a.cache.write(self.layer_idx, a.rows, a.positions, k, v, a.kv_len)
             if a.kv_lens is not None and (kernels := _decode_kernels(q, k)) is not None:
                 q1 = q.reshape(B, self.n_heads, self.head_dim).float().contiguous()
-                y = cpu_kernels.run(kernels.decode_attention, q1, k, v, a.kv_lens, self.head_dim**-0.5)
+                y = cpu_kernels.run(kernels.decode_attention, q1, k, v, a.kv_lens, self.head_dim**-0.5,
+                                    cpu_kernels.prefetch_bytes(attention=True))  # fmt: skip
                 return self.o_proj(y.to(x.dtype).view(B, 1, q_size))
             k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept narrower than the compute dtype
         if self.n_kv != self.n_heads:
