@@ -101,8 +101,10 @@ inline __m256 load8(const at::BFloat16* p) {  // a bfloat16 is the high half of 
 
 // Asks for the two cache lines `ahead` bytes past p: a loop round's 128 bytes of a weight row. The AVX512
 // kernels read each thread's share of a weight as one stream, and on the Intel Xeon the hardware prefetcher
-// alone keeps too few of its lines in flight (bench/kernels.py --cold, docs/benchmarks.md). They take the
-// choice as a template flag: with a run-time `if (ahead)` here, GCC 12 dropped the prefetches altogether.
+// alone keeps too few of its lines in flight (cpu_kernels.prefetch_bytes has the figures); on the AMD EPYC,
+// asking 512-4096 bytes ahead made the int4 kernel 1-9% slower, so the distance is the caller's choice, 0
+// for none. The kernels take that choice as a template flag: with a run-time `if (ahead)` in here, GCC 12
+// dropped the prefetches altogether.
 inline void prefetch_lines(const void* p, int64_t ahead) {
   const char* c = static_cast<const char*>(p) + ahead;
   _mm_prefetch(c, _MM_HINT_T0);
