@@ -50,6 +50,32 @@ def test_load_equals_written_weights(tiny_checkpoint, dtype):
     assert torch.equal(model.embed(ids), ref.model.embed_tokens(ids).to(dtype))
 
 
+def file_mapped_bytes(model, folder) -> dict[str, int]:
+    """Parameter name -> bytes, for the parameters whose data lies in a memory map of a file in `folder`."""
+    spans = []
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].strip().startswith(str(folder)):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((lo, hi))
+    return {name: p.nbytes for name, p in model.state_dict().items()
+            if any(lo <= p.data_ptr() < hi for lo, hi in spans)}  # fmt: skip
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_only_big_tensors_stay_in_the_file_map(monkeypatch, tiny_checkpoint):
+    """Right-dtype tensors of MAPPED_FROM_BYTES and up are used from the map, smaller ones are copied (a
+    mapped page brings the page cache's whole folio into the resident set)."""
+    assert not file_mapped_bytes(load_model(tiny_checkpoint, dtype=torch.bfloat16), tiny_checkpoint)  # all < 4 MiB
+    monkeypatch.setattr(weights, "MAPPED_FROM_BYTES", 0)
+    all_mapped = file_mapped_bytes(load_model(tiny_checkpoint, dtype=torch.bfloat16), tiny_checkpoint)
+    assert "model.embed_tokens.weight" in all_mapped and "model.norm.weight" in all_mapped
+    cut = sorted(all_mapped.values())[len(all_mapped) // 2]
+    monkeypatch.setattr(weights, "MAPPED_FROM_BYTES", cut)
+    some = file_mapped_bytes(load_model(tiny_checkpoint, dtype=torch.bfloat16), tiny_checkpoint)
+    assert some and set(some) == {k for k, n in all_mapped.items() if n >= cut}
+
+
 def test_single_file_and_alias(tmp_path, tiny_checkpoint):
     """One model.safetensors works; `vision_embed_tokens.wte` is read as embed_tokens (spec §2.2)."""
     state = {}

@@ -1,7 +1,7 @@
 """Finding a checkpoint and loading its safetensors into a `Phi3VForCausalLM` (spec §2).
 
-Shards are memory-mapped. On the CPU, tensors already in the target dtype are used straight from the
-map (no copy: pages load on first use and stay shareable with the OS page cache). Everything else is
+Shards are memory-mapped. On the CPU, big tensors already in the target dtype are used straight from
+the map (no copy: pages load on first use and stay shareable with the OS page cache). Everything else is
 converted one tensor at a time into the target dtype and device, and that tensor's file pages are
 released at once, so peak memory stays close to the size of the converted weights. One exception: in a
 float32 load the token embedding keeps the file's 16-bit dtype (and so, on the CPU, stays in the map),
@@ -40,6 +40,12 @@ CLIP_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
 IGNORED = re.compile(r"(\.position_ids$|rotary_emb\.inv_freq$|^" + re.escape(CLIP_PREFIX) + r"post_layernorm\.)")
 CLIP_LAYER = re.compile("^" + re.escape(CLIP_PREFIX) + r"encoder\.layers\.(\d+)\.")
 EMBEDDING = "model.embed_tokens.weight"
+# Smaller tensors (norms, biases, position embeddings) are copied even when their dtype is right. A page
+# of a read-only map brings the page cache's whole folio around it into our resident set, so each of the
+# vision tower's few-KB biases and norms, used from the map, pulled in up to MBs of its quantized
+# neighbours' dropped pages: 0.21-0.27 GiB more peak RSS in an int4 run of Phi-3-V (3.32-3.38 GiB
+# against 3.11-3.15 copied; AMX Xeon, kernel 6.18, bench/rss_stages.py). The copies come to 4 MB.
+MAPPED_FROM_BYTES = 4 << 20
 # A fine-tune may store the shared embedding under the vision module's name too (spec §2.2).
 ALIASES = {"model.vision_embed_tokens.wte.weight": EMBEDDING}
 
@@ -237,7 +243,7 @@ def load_model(
         want = dtype if t.is_floating_point() else t.dtype
         if renamed[name] == EMBEDDING and want == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
             want = t.dtype  # a lookup reads a few rows, widened exactly in `embed`: 0.4 GB less on Phi-3-V
-        if device.type == "cpu" and t.dtype == want:
+        if device.type == "cpu" and t.dtype == want and t.nbytes >= MAPPED_FROM_BYTES:
             return None  # already right: use the memory-mapped file directly
         return t.to(device=device, dtype=want, copy=True)
 
