@@ -183,34 +183,51 @@ def test_the_kernels_build_where_they_can():
 
 
 @needs_own
-@pytest.mark.skipif(not cpu_kernels.has_vnni() or not cpu_kernels.has_avx512_bf16(), reason="no AVX512 kernels here")
-@pytest.mark.parametrize("ahead", [64, 2048, 1 << 20])
-def test_prefetching_changes_no_result(ahead):
+@pytest.mark.parametrize("k", [3072, 3104])  # 3104: the unrolled loops' tails (97 int8 blocks, 48.5 bf16 rounds)
+@pytest.mark.parametrize("ahead", [64, 2048, 1 << 16])
+def test_prefetching_changes_no_result(k, ahead):
     """The AVX512 kernels' prefetch distance (cpu_kernels.prefetch_bytes) only asks for cache lines early:
     the same bits with it as without, even asking far past the weight's end."""
-    layer8, x, _ = layer_and_input("int8", 520, 3072)
-    layer4, _, _ = layer_and_input("int4", 256, 3072, 128)
-    w = layer_and_input("int8", 520, 3072)[0].dequantize(torch.bfloat16)
-    xb = x.bfloat16()
-    for run in (lambda pf: own.int8_gemv_vnni(x, layer8.qweight, layer8.scales, pf),
-                lambda pf: own.int4_gemv_b64(x, layer4.qweight, layer4.scales_and_zeros, 128, pf),
-                lambda pf: own.bf16_gemv_avx512(xb, w, pf)):  # fmt: skip
+    layer8, x, _ = layer_and_input("int8", 520, k)
+    layer4, _, _ = layer_and_input("int4", 256, k, 32)
+    runs = []
+    if cpu_kernels.has_vnni():
+        runs += [lambda pf: own.int8_gemv_vnni(x, layer8.qweight, layer8.scales, pf),
+                 lambda pf: own.int4_gemv_b64(x, layer4.qweight, layer4.scales_and_zeros, 32, pf)]  # fmt: skip
+    if cpu_kernels.has_avx512_bf16():
+        w, xb = layer8.dequantize(torch.bfloat16), x.bfloat16()
+        runs.append(lambda pf: own.bf16_gemv_avx512(xb, w, pf))
+    if not runs:
+        pytest.skip("no AVX512 kernels here")
+    for run in runs:
         assert torch.equal(run(ahead), run(0))
 
 
 def test_prefetch_distance_by_vendor_and_environment(monkeypatch, capsys):
-    """2048 bytes on Intel CPUs, none elsewhere; PHI3V_PREFETCH overrides, and a bad value is ignored
-    with one line."""
-    choose = cpu_kernels.prefetch_bytes.__wrapped__
+    """2048 bytes on Intel CPUs, none elsewhere; PHI3V_PREFETCH overrides, and a bad value (not a number,
+    negative, or past PREFETCH_LIMIT) is ignored with one line, however many kernels ask."""
     monkeypatch.delenv("PHI3V_PREFETCH", raising=False)
+
+    def choose(attention=False):
+        cpu_kernels._env_prefetch.cache_clear()
+        cpu_kernels.prefetch_bytes.cache_clear()
+        return cpu_kernels.prefetch_bytes(attention)
+
     for vendor, weights, cache in [("GenuineIntel", 2048, 512), ("AuthenticAMD", 0, 0), (None, 0, 0)]:
         monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda v=vendor: v)
         assert (choose(), choose(attention=True)) == (weights, cache)
-    monkeypatch.setenv("PHI3V_PREFETCH", "1024")
-    assert choose() == choose(attention=True) == 1024
-    monkeypatch.setenv("PHI3V_PREFETCH", "lots")
-    assert choose() == 0  # the vendor default (None above)
-    assert "ignoring PHI3V_PREFETCH='lots'" in capsys.readouterr().err
+    for env, want in [("1024", 1024), ("0", 0), (str(cpu_kernels.PREFETCH_LIMIT), cpu_kernels.PREFETCH_LIMIT)]:
+        monkeypatch.setenv("PHI3V_PREFETCH", env)
+        assert choose() == choose(attention=True) == want
+    capsys.readouterr()
+    for env in ["lots", "-1", str(cpu_kernels.PREFETCH_LIMIT + 1), "99999999999999999999"]:
+        monkeypatch.setenv("PHI3V_PREFETCH", env)
+        assert choose() == 0  # the vendor default (None above)
+        assert cpu_kernels.prefetch_bytes(attention=True) == 0  # a second caller: no second line
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"ignoring PHI3V_PREFETCH={env!r}" in err
+    cpu_kernels._env_prefetch.cache_clear()
+    cpu_kernels.prefetch_bytes.cache_clear()
 
 
 def test_switched_off_by_environment(monkeypatch):
@@ -307,6 +324,7 @@ def test_decode_attention_is_softmax_attention_over_each_rows_keys(dtype, H, Hkv
     ref = softmax_attention(q, k, v, lengths)
     assert got.dtype == torch.float32 and not got.isnan().any()
     assert (got.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert torch.equal(got, own.decode_attention(q, k, v, lengths, D**-0.5, 0))  # prefetching: the same bits
 
 
 @needs_own

@@ -24,6 +24,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -111,26 +112,35 @@ inline void prefetch_lines(const void* p, int64_t ahead) {
   _mm_prefetch(c + 64, _MM_HINT_T0);
 }
 
+// Runs f(std::true_type) when prefetch > 0, else f(std::false_type): one instance of a kernel per choice.
+template <typename F>
+inline void with_prefetch(int64_t prefetch, F&& f) {
+  if (prefetch > 0)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+// With kPrefetch, asks for the cache lines of the `bytes`-long row `ahead` bytes past r.
+template <bool kPrefetch>
+inline void prefetch_row(const void* r, int64_t bytes, int64_t ahead) {
+  if constexpr (kPrefetch)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(r) + ahead + b, _MM_HINT_T0);
+}
+
 constexpr int64_t kMaxHeadDim = 256;
 
 // out = softmax(q . k_s * scale over s < len) . v for one head: q, out (D) float32, k and v (len, D) rows.
-// scores is scratch for len floats. Needs D % 8 == 0, D <= kMaxHeadDim. With kPrefetch, asks for the rows
-// `ahead` bytes past the one in use, as the weight kernels do.
-template <bool kPrefetch, typename T>
-void attend_head(const float* q, const T* k, const T* v, int64_t len, int64_t D, float scale, int64_t ahead,
-                 float* scores, float* out) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  auto prefetch_row = [&](const T* r) {
-    if constexpr (kPrefetch)
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(r) + ahead + b, _MM_HINT_T0);
-  };
+// scores is scratch for len floats. Needs D % 8 == 0, D <= kMaxHeadDim.
+template <typename T>
+void attend_head(const float* q, const T* k, const T* v, int64_t len, int64_t D, float scale, float* scores,
+                 float* out) {
   const int64_t C = D / 8;
   __m256 qs[kMaxHeadDim / 8], acc[kMaxHeadDim / 8];
   for (int64_t c = 0; c < C; c++) qs[c] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * c), _mm256_set1_ps(scale));
   float top = -INFINITY;
   for (int64_t s = 0; s < len; s++) {
     const T* ks = k + s * D;
-    prefetch_row(ks);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
     int64_t c = 0;
     for (; c + 2 <= C; c += 2) {
@@ -155,16 +165,12 @@ void attend_head(const float* q, const T* k, const T* v, int64_t len, int64_t D,
   for (s = 0; s < len; s++) {
     const __m256 p = _mm256_set1_ps(scores[s]);
     const T* vs = v + s * D;
-    prefetch_row(vs);
     for (int64_t c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(load8(vs + 8 * c), p, acc[c]);
   }
   const __m256 inv = _mm256_set1_ps(1.f / total);
   for (int64_t c = 0; c < C; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
 }
 
-// attend_head on AVX512 CPUs, for D % 16 == 0: the same math on 512-bit registers, eight keys a round in
-// the scores (eight independent sums; one key at a time waited on its own chain of FMAs, and the kernel
-// read a cold cache at 15 GB/s while the weight kernels read at 26) and two in the weighted sum of values.
 #define PHI3V_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 
 static inline PHI3V_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -173,14 +179,15 @@ static inline PHI3V_AVX512 __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// attend_head on AVX512 CPUs, for D % 16 == 0: the same math on 512-bit registers, eight keys a round in
+// the scores (eight independent sums; one key at a time waited on its own chain of FMAs, and the kernel
+// read a cold cache at 15 GB/s while the weight kernels read at 26) and two in the weighted sum of values.
+// With kPrefetch, asks for the rows `ahead` bytes past those in use, as the weight kernels do.
 template <bool kPrefetch, typename T>
 static PHI3V_AVX512 void attend_head_avx512(const float* q, const T* k, const T* v, int64_t len, int64_t D,
                                             float scale, int64_t ahead, float* scores, float* out) {
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  auto prefetch_row = [&](const T* r) {
-    if constexpr (kPrefetch)
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(r) + ahead + b, _MM_HINT_T0);
-  };
+  auto prefetch = [&](const T* r) { prefetch_row<kPrefetch>(r, row_bytes, ahead); };
   const int64_t C = D / 16;
   __m512 qs[kMaxHeadDim / 16], acc[kMaxHeadDim / 16], acc2[kMaxHeadDim / 16];
   for (int64_t c = 0; c < C; c++) qs[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
@@ -189,7 +196,7 @@ static PHI3V_AVX512 void attend_head_avx512(const float* q, const T* k, const T*
   for (; s + 8 <= len; s += 8) {
     __m512 a[8];
     for (auto& x : a) x = _mm512_setzero_ps();
-    for (int j = 0; j < 8; j++) prefetch_row(k + (s + j) * D);
+    for (int j = 0; j < 8; j++) prefetch(k + (s + j) * D);
     for (int64_t c = 0; c < C; c++)
       for (int j = 0; j < 8; j++) a[j] = _mm512_fmadd_ps(load16(k + (s + j) * D + 16 * c), qs[c], a[j]);
     for (int j = 0; j < 8; j++) {
@@ -216,8 +223,8 @@ static PHI3V_AVX512 void attend_head_avx512(const float* q, const T* k, const T*
   for (s = 0; s + 2 <= len; s += 2) {
     const __m512 p0 = _mm512_set1_ps(scores[s]), p1 = _mm512_set1_ps(scores[s + 1]);
     const T *v0 = v + s * D, *v1 = v0 + D;
-    prefetch_row(v0);
-    prefetch_row(v1);
+    prefetch(v0);
+    prefetch(v1);
     for (int64_t c = 0; c < C; c++) {
       acc[c] = _mm512_fmadd_ps(load16(v0 + 16 * c), p0, acc[c]);
       acc2[c] = _mm512_fmadd_ps(load16(v1 + 16 * c), p1, acc2[c]);
@@ -358,10 +365,7 @@ torch::Tensor bf16_gemv_avx512(torch::Tensor x, torch::Tensor w, int64_t prefetc
   const at::BFloat16 *wp = w.data_ptr<at::BFloat16>(), *xp = x.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    if (prefetch > 0)
-      bf16_rows_avx512<true>(wp, xp, K, begin, end, prefetch, yp);
-    else
-      bf16_rows_avx512<false>(wp, xp, K, begin, end, 0, yp);
+    with_prefetch(prefetch, [&](auto on) { bf16_rows_avx512<decltype(on)::value>(wp, xp, K, begin, end, prefetch, yp); });
   });
   return y;
 }
@@ -421,7 +425,7 @@ static PHI3V_VNNI void int8_rows_vnni(const int8_t* q, const Q8Row& xq, const fl
     const int8_t* r = q + n * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
     int64_t b = 0;
-    for (; b + 4 <= B; b += 4) {  // a cache line and a half of the weight a round
+    for (; b + 4 <= B; b += 4) {  // two cache lines of the weight a round
       if constexpr (kPrefetch) prefetch_lines(r + 32 * b, prefetch);
       a0 = int8_block_vnni(r, xq, b, a0);
       a1 = int8_block_vnni(r, xq, b + 1, a1);
@@ -448,10 +452,7 @@ torch::Tensor int8_gemv_vnni(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    if (prefetch > 0)
-      int8_rows_vnni<true>(qp, xq, sp, K, begin, end, prefetch, yp);
-    else
-      int8_rows_vnni<false>(qp, xq, sp, K, begin, end, 0, yp);
+    with_prefetch(prefetch, [&](auto on) { int8_rows_vnni<decltype(on)::value>(qp, xq, sp, K, begin, end, prefetch, yp); });
   });
   return like_x(y, x);
 }
@@ -597,12 +598,10 @@ torch::Tensor int4_gemv_b64(torch::Tensor x, torch::Tensor q, torch::Tensor sz, 
   auto y = torch::empty({1, N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 64, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; b++) {
-      if (prefetch > 0)
-        int4_b64_block<true>(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, prefetch, yp + b * 64);
-      else
-        int4_b64_block<false>(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, 0, yp + b * 64);
-    }
+    with_prefetch(prefetch, [&](auto on) {
+      for (int64_t b = begin; b < end; b++)
+        int4_b64_block<decltype(on)::value>(qp + b * K * 32, xq, xsums.data(), szp, K, N, group, b, prefetch, yp + b * 64);
+    });
   });
   return like_x(y, x);
 }
@@ -731,14 +730,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         const int64_t b = i / H, h = i % H, off = b * sb + (h / group) * sh;
         const float sc = static_cast<float>(scale);
         float* o = op + i * D;
-        if (wide && prefetch > 0)
-          attend_head_avx512<true>(qp + i * D, kp + off, vp + off, lens[b], D, sc, prefetch, scores.data(), o);
-        else if (wide)
-          attend_head_avx512<false>(qp + i * D, kp + off, vp + off, lens[b], D, sc, 0, scores.data(), o);
-        else if (prefetch > 0)
-          attend_head<true>(qp + i * D, kp + off, vp + off, lens[b], D, sc, prefetch, scores.data(), o);
-        else
-          attend_head<false>(qp + i * D, kp + off, vp + off, lens[b], D, sc, 0, scores.data(), o);
+        if (wide)
+          with_prefetch(prefetch, [&](auto on) {
+            attend_head_avx512<decltype(on)::value>(qp + i * D, kp + off, vp + off, lens[b], D, sc, prefetch,
+                                                    scores.data(), o);
+          });
+        else  // the AVX2 variant does not prefetch: never measured on a CPU that would take it
+          attend_head(qp + i * D, kp + off, vp + off, lens[b], D, sc, scores.data(), o);
       }
     });
   };

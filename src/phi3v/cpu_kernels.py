@@ -67,24 +67,38 @@ def cpu_vendor() -> str | None:
         return None
 
 
+PREFETCH_LIMIT = 1 << 16  # far past any distance that helps; beyond it the kernels' addresses go wild
+
+
+@functools.cache
+def _env_prefetch() -> int | None:
+    """PHI3V_PREFETCH as bytes; None where it is unset or unusable (said once, on stderr)."""
+    env = os.environ.get("PHI3V_PREFETCH")
+    if env is None:
+        return None
+    try:
+        if 0 <= (n := int(env)) <= PREFETCH_LIMIT:
+            return n
+    except ValueError:
+        pass
+    print(f"phi3v: ignoring PHI3V_PREFETCH={env!r} (expected bytes from 0, off, to {PREFETCH_LIMIT})", file=sys.stderr)
+    return None
+
+
 @functools.cache  # asked on every decoding product
 def prefetch_bytes(attention: bool = False) -> int:
     """How far ahead of their reads the AVX512 decoding kernels ask for a weight's cache lines (or, with
     `attention`, decode_attention for the KV cache's); 0: not at all.
 
-    On the Intel Xeon, 2048 bytes made batch-1 decode steps of Phi-3-V 14% (bf16), 5% (int8) and 7% (int4)
-    shorter; 1024 helped bf16 alike but slowed int8 and int4, 3072 and up helped less. The attention over
-    an 800-token cache took 17% less time with 512 (2048: 7%). On the AMD EPYC the hardware prefetcher was
-    measured to do better alone, so only Intel CPUs get it (docs/benchmarks.md). `PHI3V_PREFETCH=N` (bytes,
-    0 = off) overrides both choices.
+    On the Intel Xeon (bench/results/prefetch-*amx-dec*.md), 2048 bytes made batch-1 decode steps of
+    Phi-3-V 18% (bf16), 3% (int8) and 6% (int4) shorter, the one distance that helped all three: 512 and
+    1024 helped bf16 alike but slowed int4. The attention over an 800-token cache took 11-18% less time
+    with 512, in three runs; 768 to 2048 did the same within the runs' noise.
+    On the AMD EPYC the hardware prefetcher was measured to do better alone, so only Intel CPUs get it
+    (docs/benchmarks.md). `PHI3V_PREFETCH=N` (bytes, 0 = off) overrides both choices.
     """
-    env = os.environ.get("PHI3V_PREFETCH")
-    if env is not None:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            print(f"phi3v: ignoring PHI3V_PREFETCH={env!r} (expected a number of bytes, 0 to turn it off)",
-                  file=sys.stderr)  # fmt: skip
+    if (env := _env_prefetch()) is not None:
+        return env
     if cpu_vendor() != "GenuineIntel":
         return 0
     return 512 if attention else 2048

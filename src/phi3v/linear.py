@@ -170,6 +170,7 @@ class Linear(nn.Linear):
         if w.dtype == torch.bfloat16 and (own := _own_kernels(x, w.shape[0] % 4 == 0 and w.shape[1] % 16 == 0, w)):
             x1 = x.reshape(1, -1)
             if x.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and cpu_kernels.has_avx512_bf16():
+                # the same products, exactly
                 y = cpu_kernels.run(own.bf16_gemv_avx512, x1.contiguous(), w, cpu_kernels.prefetch_bytes())
             else:
                 y = cpu_kernels.run(own.bf16_gemv, x1.float().contiguous(), w)
