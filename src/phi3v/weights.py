@@ -117,7 +117,10 @@ def iter_tensors(
 
     `convert(name, view)` returns a converted copy (or a quantized layer), whose file pages are then
     dropped from our resident set, or None to keep the view itself: zero-copy, paged in on first use and
-    shared with the OS page cache.
+    shared with the OS page cache. Kept views but the token embedding are mapped with huge pages where
+    the OS offers them: each decoding step reads them whole, and a bf16 step of Phi-3-V took 316 ms
+    instead of 355 (AMX Xeon, ext4, kernel 6.18: 7.1 GB of the map in 2 MiB pages, not 1.8). The
+    embedding is read a row at a time, and a 2 MiB page would bring in 340 rows with each.
     """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -136,12 +139,48 @@ def iter_tensors(
             view = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start).view(dtype).reshape(shape)
         out = convert(name, view)
         if out is None:
+            if name != EMBEDDING and hasattr(mmap, "MADV_HUGEPAGE"):
+                lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+                mm.madvise(mmap.MADV_HUGEPAGE, lo, end - lo)
             yield name, view
             continue
         del view
         lo = start // mmap.PAGESIZE * mmap.PAGESIZE
         mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
         yield name, out
+
+
+class HugePages:
+    """Anonymous memory advised for transparent huge pages, handed out to tensors one after another.
+
+    The int8 decoding kernel read its weights 12% faster from 2 MiB pages than from 4 KiB ones (a
+    batch-1 step of Phi-3-V 179 ms instead of 204 on the AMX Xeon: fewer TLB misses, as the prefetchers
+    stream across page boundaries). The int4 kernel was 3-7% slower there, its strided scale reads
+    meeting in the same cache sets, so quantized loads give huge pages to int8 weights only. One
+    mapping of CHUNK bytes serves many tensors: a mapping per tensor would leave up to 2 MiB resident
+    past the end of each. Where the OS has no such advice, `copy` returns its tensor as it is.
+    """
+
+    CHUNK = 256 << 20
+
+    def __init__(self) -> None:
+        self._map: mmap.mmap | None = None
+        self._used = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """t's data in huge-page memory (t itself off the CPU or where there is none)."""
+        if t.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
+            return t
+        n = -(-t.nbytes // 4096) * 4096  # page-aligned pieces keep each tensor's rows cache-line aligned
+        if self._map is None or self._used + n > len(self._map):
+            size = max(self.CHUNK, -(-n // (2 << 20)) * (2 << 20))
+            # private, or Linux backs it with shared memory, whose huge pages are off by default
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+            self._used = 0
+        out = torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=self._used)
+        self._used += n
+        return out.view(t.dtype).reshape(t.shape).copy_(t)  # the tensor keeps its mapping alive
 
 
 def expected_keys(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -235,11 +274,15 @@ def load_model(
         )
 
     modes = quant_plan(model, quantize, quantize_vision)
+    huge = HugePages()
 
     def convert(name: str, t: torch.Tensor) -> Any:
         mode = modes.get(renamed[name].removesuffix(".weight"))
         if mode is not None:
-            return quantize_layer(t, None, mode, device, group_size)
+            layer = quantize_layer(t, None, mode, device, group_size)
+            if mode == "int8":
+                layer.qweight = huge.copy(layer.qweight)
+            return layer
         want = dtype if t.is_floating_point() else t.dtype
         if renamed[name] == EMBEDDING and want == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
             want = t.dtype  # a lookup reads a few rows, widened exactly in `embed`: 0.4 GB less on Phi-3-V
