@@ -67,7 +67,7 @@ def test_own_kernels_compute_the_dequantized_product_of_the_int8_row(mode, n, k,
     x8 = q8(x).double()
     want = F.linear(x8, w, bias.double())
     if mode == "int4":
-        zeros = layer.scales_and_zeros[..., 1].double()  # (groups, n)
+        zeros = layer.pairs()[..., 1].double()  # (groups, n)
         dx = (x.double() - x8).reshape(-1, group).sum(-1)  # (groups,)
         want = want + dx @ zeros
     if mode == "int8":

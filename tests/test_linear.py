@@ -111,6 +111,31 @@ def test_quantized_layers_match_dequantized_math(mode, weight_err):
         assert rel(got, want) < 1e-2, (rows, rel(got, want))
 
 
+def test_blocked_int4_pairs_are_pytorchs_in_another_order(monkeypatch):
+    """Where phi3v's 64-row kernel runs a layer, its (scale, zero) pairs are stored block by block
+    (Int4Linear.blocked); `pairs` gives back PyTorch's order, and the layer computes what the same layer
+    laid out for PyTorch's kernel does, with phi3v's kernels (one row, many rows) and without them."""
+    w, b = weights(n=192, k=256)
+    monkeypatch.setattr(linear, "_runs_blocked", lambda n, g: True)
+    blocked = quantize_layer(w.bfloat16(), b, "int4", CPU, group_size=64)
+    monkeypatch.setattr(linear, "_runs_blocked", lambda n, g: False)
+    plain = quantize_layer(w.bfloat16(), b, "int4", CPU, group_size=64)
+    assert blocked.blocked and not plain.blocked
+    assert blocked.scales_and_zeros.shape == (3, 4, 64, 2) and plain.scales_and_zeros.shape == (4, 192, 2)
+    assert torch.equal(blocked.qweight, plain.qweight) and torch.equal(blocked.pairs(), plain.scales_and_zeros)
+    for lo, hi in [(64, 192), (0, 64), (0, 192), (128, None)]:
+        assert torch.equal(blocked.pairs(lo, hi), plain.pairs(lo, hi)), (lo, hi)
+    if linear._cpu_int4_block() == 64:  # the layout the blocked order is for
+        assert torch.equal(blocked.dequantize(torch.float32), plain.dequantize(torch.float32))
+        for rows in (1, linear.FEW_ROWS + 3):
+            x = torch.randn(rows, 256)
+            want = F.linear(x, plain.dequantize(torch.float32), b)
+            assert rel(blocked(x), want) < 1e-2 and rel(plain(x), want) < 1e-2
+            with monkeypatch.context() as m:
+                m.setattr(linear.cpu_kernels, "get", lambda: None)  # PyTorch's kernels, in PyTorch's order
+                assert rel(blocked(x), want) < 1e-2
+
+
 def test_int4_with_a_partial_row_block_runs_prompts_too():
     """96 output rows: a whole number of AVX2 row blocks (32) but not of AVX512 ones (64), which PyTorch
     lays out differently; prompts then take PyTorch's kernel instead of dequantizing."""

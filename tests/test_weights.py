@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from phi3v.checkpoint import checkpoint_shapes, preset, random_model
 from phi3v.errors import Phi3VError
-from phi3v import weights
+from phi3v import linear, weights
 from phi3v.linear import Int4Linear, Int8Linear
 from phi3v.weights import INDEX_FILE, load_model, resolve_checkpoint
 
@@ -93,14 +93,17 @@ def huge_page_advised(t: torch.Tensor) -> bool:
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/smaps")
 def test_streamed_weights_get_huge_pages(monkeypatch, tiny_checkpoint):
     """Views kept in the file map are advised for huge pages, the token embedding (read a row at a time)
-    is not; int8 weights are copied into huge-page memory (HugePages), int4 ones are not."""
+    is not; int8 weights and blocked int4 ones are copied into huge-page memory (HugePages)."""
     monkeypatch.setattr(weights, "MAPPED_FROM_BYTES", 0)
     model = load_model(tiny_checkpoint, dtype=torch.bfloat16)
     assert huge_page_advised(model.model.layers[0].mlp.down_proj.weight)
     assert not huge_page_advised(model.model.embed_tokens.weight)
     model = load_model(tiny_checkpoint, quantize="int4")
-    down = model.model.layers[0].mlp.down_proj
-    assert isinstance(down, Int4Linear) and not huge_page_advised(down.qweight)
+    int4 = [m for m in model.model.layers.modules() if isinstance(m, Int4Linear)]
+    for m in int4:  # those phi3v's 64-row kernel runs (blocked scales), where it can run
+        assert huge_page_advised(m.qweight) == huge_page_advised(m.scales_and_zeros) == m.blocked
+    if linear._runs_blocked(64, 32):
+        assert any(m.blocked for m in int4)
     assert isinstance(model.lm_head, Int8Linear) and huge_page_advised(model.lm_head.qweight)
     ref = load_model(tiny_checkpoint, quantize="int8")
     for m in ref.model.layers[0].modules():

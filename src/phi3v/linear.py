@@ -128,7 +128,7 @@ def _own_bf16_dequantizer(layer: Int8Linear | Int4Linear, x: Tensor, dt: torch.d
         return None
     if isinstance(layer, Int8Linear):
         return lambda lo, hi, out: own.dequantize_int8_bf16(layer.qweight, layer.scales, lo, hi, out)
-    if _cpu_int4_block() == 64 and layer.group_size % 32 == 0 and DEQUANT_BLOCK % 64 == 0:
+    if layer.blocked and DEQUANT_BLOCK % 64 == 0:
         return lambda lo, hi, out: own.dequantize_int4_b64_bf16(layer.qweight, layer.scales_and_zeros,
                                                                 layer.group_size, lo, hi, out)  # fmt: skip
     return None
@@ -247,8 +247,11 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only int4, asymmetric per group of `group_size` inputs: W ~= (q - 8) * scale + zero.
 
-    `qweight` is in the layout of PyTorch's int4 kernel for the device; `scales_and_zeros` is
-    (in_features / group_size, out_features, 2) in the kernel's activation dtype (bfloat16).
+    `qweight` is in the layout of PyTorch's int4 kernel for the device. `scales_and_zeros` holds
+    bfloat16 (scale, zero) pairs: (in_features / group_size, out_features, 2) as PyTorch's kernel takes
+    them, or, `blocked` where phi3v's 64-row CPU kernel runs the layer, (out_features / 64,
+    in_features / group_size, 64, 2), each row block's pairs together (cpu_kernels.cpp says why).
+    `pairs` gives them in PyTorch's order either way.
     """
 
     def __init__(self, qweight: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, shape: tuple[int, int],
@@ -260,6 +263,20 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the pairs are in the 64-row kernel's blocked order."""
+        return self.scales_and_zeros.dim() == 4
+
+    def pairs(self, lo: int = 0, hi: int | None = None) -> Tensor:
+        """The (scale, zero) pairs of output rows lo:hi (multiples of 64 when blocked), (groups, rows, 2)."""
+        sz = self.scales_and_zeros
+        if not self.blocked:
+            return sz[:, lo:hi]
+        hi = self.out_features if hi is None else hi
+        block = sz[lo // 64 : -(-hi // 64)]
+        return block.transpose(0, 1).reshape(sz.shape[1], -1, 2)[:, lo % 64 : lo % 64 + hi - lo]
 
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device, group_size: int | None = None
@@ -280,6 +297,8 @@ class Int4Linear(nn.Module):
             q[lo : lo + 4096] = torch.round((w - lo_v[..., None]) / scale[..., None]).clamp_(0, 15).reshape(-1, k).int()
             # Store scale and the value of code 8, the kernel's zero point: (q - 8) * scale + zero.
             sz[:, lo : lo + 4096] = torch.stack([scale, lo_v + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16)
+        if device.type == "cpu" and _runs_blocked(n, group_size):
+            sz = sz.view(k // group_size, n // 64, 64, 2).transpose(0, 1).contiguous()
         return cls(_pack_int4(q), sz, None if bias is None else bias.to(device), (n, k), group_size)
 
     def dequantize(self, dtype: torch.dtype, lo: int = 0, hi: int | None = None, out: Tensor | None = None) -> Tensor:
@@ -291,7 +310,7 @@ class Int4Linear(nn.Module):
         b = _cpu_int4_block()
         w = out if out is not None else torch.empty(hi - lo, k, device=self.qweight.device)
         _unpack_int4(self.qweight.reshape(-1, k, b // 2)[lo // b : hi // b], out=w)
-        s, z = self.scales_and_zeros[:, lo:hi].float().unbind(-1)  # (groups, rows)
+        s, z = self.pairs(lo, hi).float().unbind(-1)  # (groups, rows)
         # (q - 8) * s + z == q * s + (z - 8 s): two passes over the block instead of three
         w3 = w.view(hi - lo, -1, g).mul_(s.t()[..., None]).add_((z - 8 * s).t()[..., None])
         return w3.view(hi - lo, k).to(dtype)
@@ -307,13 +326,15 @@ class Int4Linear(nn.Module):
             return _dequantized_product(self, x)
         x2 = x.reshape(-1, self.in_features)
         kernel = _own_int4_kernel(block, self.out_features, self.group_size)
+        if kernel == "int4_gemv_b64" and not self.blocked:
+            kernel = None  # laid out where phi3v's kernels were not built: PyTorch's kernel takes it
         if (own := _own_kernels(x, kernel is not None)) is not None:
             extra = (cpu_kernels.prefetch_bytes(),) if kernel == "int4_gemv_b64" else ()
             y = cpu_kernels.run(getattr(own, kernel), _kernel_row(x2), self.qweight, self.scales_and_zeros,
                                 self.group_size, *extra)  # fmt: skip
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
-                                                  self.scales_and_zeros)  # fmt: skip
+                                                  self.pairs().contiguous())  # fmt: skip
         else:
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros)
         return _finish(self, y, x)
@@ -327,6 +348,13 @@ def _own_int4_kernel(block: int | None, out_features: int, group_size: int) -> s
     if block == 32:
         return "int4_gemv"
     return "int4_gemv_b64" if block == 64 and cpu_kernels.has_vnni() else None
+
+
+def _runs_blocked(out_features: int, group_size: int) -> bool:
+    """Whether a CPU int4 layer of this shape gets the blocked pairs of phi3v's 64-row kernel: where that
+    kernel handles it and phi3v's kernels are built."""
+    kernel = _own_int4_kernel(_cpu_int4_block(), out_features, group_size)
+    return kernel == "int4_gemv_b64" and cpu_kernels.get() is not None
 
 
 def _kernel_row(x2: Tensor) -> Tensor:
