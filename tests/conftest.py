@@ -1,8 +1,10 @@
-"""Shared test fixtures: paths to ../shared/fixtures and tiny random checkpoints built once per session."""
+"""Shared test fixtures: paths to ../shared/fixtures and tiny random checkpoints built once per session;
+helpers more than one test module uses."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -49,3 +51,16 @@ def crossing_config(orig: int = 32):
 
     cfg = preset("tiny")
     return replace(cfg, text=replace(cfg.text, original_max_position_embeddings=orig, max_position_embeddings=32 * orig))
+
+
+def huge_page_advised(t: torch.Tensor) -> bool:
+    """Whether t's data lies in a mapping advised for huge pages ("hg" in /proc/self/smaps' VmFlags)."""
+    span = None
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            span = (lo, hi)
+        elif head == "VmFlags:" and span[0] <= t.data_ptr() < span[1]:
+            return "hg" in line.split()[1:]
+    raise AssertionError("no mapping holds the tensor")

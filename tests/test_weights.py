@@ -13,6 +13,8 @@ from phi3v import linear, weights
 from phi3v.linear import Int4Linear, Int8Linear
 from phi3v.weights import INDEX_FILE, load_model, resolve_checkpoint
 
+from .conftest import huge_page_advised
+
 
 def test_full_checkpoint_has_exactly_the_official_keys_and_size(official_dir):
     """592 tensors, same names, 8,293,242,880 bytes of bf16 (spec §2)."""
@@ -77,19 +79,6 @@ def test_only_big_tensors_stay_in_the_file_map(monkeypatch, tiny_checkpoint):
     assert some and set(some) == {k for k, n in all_mapped.items() if n >= cut}
 
 
-def huge_page_advised(t: torch.Tensor) -> bool:
-    """Whether t's data lies in a mapping advised for huge pages ("hg" in /proc/self/smaps' VmFlags)."""
-    span = None
-    for line in open("/proc/self/smaps"):
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            span = (lo, hi)
-        elif head == "VmFlags:" and span[0] <= t.data_ptr() < span[1]:
-            return "hg" in line.split()[1:]
-    raise AssertionError("no mapping holds the tensor")
-
-
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/smaps")
 def test_streamed_weights_get_huge_pages(monkeypatch, tiny_checkpoint):
     """Views kept in the file map are advised for huge pages, the token embedding (read a row at a time)
@@ -109,19 +98,6 @@ def test_streamed_weights_get_huge_pages(monkeypatch, tiny_checkpoint):
     for m in ref.model.layers[0].modules():
         if isinstance(m, Int8Linear):
             assert huge_page_advised(m.qweight)
-
-
-def test_huge_pages_hold_exact_copies():
-    """Pieces of one mapping, page-aligned, each an exact copy; a tensor bigger than a chunk gets its own."""
-    arena = weights.HugePages()
-    ts = [torch.randn(300, 7), torch.arange(10, dtype=torch.int8), torch.randn(5, 5).bfloat16()]
-    copies = [arena.copy(t) for t in ts]
-    for t, c in zip(ts, copies):
-        assert torch.equal(t, c) and c.dtype == t.dtype and c.data_ptr() != t.data_ptr()
-        assert c.data_ptr() % 4096 == 0
-    assert copies[1].data_ptr() - copies[0].data_ptr() == 3 * 4096  # 8400 bytes, rounded up to pages
-    big = torch.zeros(weights.HugePages.CHUNK + 1, dtype=torch.int8)
-    assert torch.equal(arena.copy(big), big)
 
 
 def test_single_file_and_alias(tmp_path, tiny_checkpoint):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from phi3v import hugepages
+
 
 class KVCache:
     """Keys and values after RoPE, [layers, rows, kv_heads, capacity, head_dim] each."""
@@ -41,8 +43,9 @@ class KVCache:
         shape = (self.k.shape[0], rows, self.k.shape[2], capacity, self.k.shape[4])
         for name in ("k", "v"):
             old = getattr(self, name)
-            # zeros, not empty: masked-out entries still enter the P @ V product, and 0 * NaN would poison it
-            new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            # zeros, not empty: masked-out entries still enter the P @ V product, and 0 * NaN would poison it;
+            # in huge pages, which the decoding attention reads faster
+            new = hugepages.zeros(shape, old.dtype, old.device)
             new[:, : old.shape[1], :, : old.shape[3]] = old
             setattr(self, name, new)
 

@@ -30,6 +30,7 @@ import torch
 from phi3v import cpu_kernels, pocket
 from phi3v.config import Phi3VConfig
 from phi3v.errors import Phi3VError
+from phi3v.hugepages import HugePages
 from phi3v.linear import check_quant_mode, pack_for_cpu, quantize_layer
 from phi3v.model import Phi3VForCausalLM
 
@@ -148,39 +149,6 @@ def iter_tensors(
         lo = start // mmap.PAGESIZE * mmap.PAGESIZE
         mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
         yield name, out
-
-
-class HugePages:
-    """Anonymous memory advised for transparent huge pages, handed out to tensors one after another.
-
-    phi3v's int8 and int4 decoding kernels read their weights faster from 2 MiB pages than from 4 KiB
-    ones (fewer TLB misses as the prefetchers stream across page boundaries): a batch-1 step of Phi-3-V
-    in int8 took 179 ms instead of 204 on the AMX Xeon, in int4 99 instead of 120 with the blocked
-    scales (`Int4Linear.blocked`; layers PyTorch's kernel runs keep their pages). One mapping of CHUNK
-    bytes serves many tensors: a mapping per tensor would leave up to 2 MiB resident past the end of
-    each. Where the OS has no such advice, `copy` returns its tensor as it is.
-    """
-
-    CHUNK = 256 << 20
-
-    def __init__(self) -> None:
-        self._map: mmap.mmap | None = None
-        self._used = 0
-
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """t's data in huge-page memory (t itself off the CPU or where there is none)."""
-        if t.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
-            return t
-        n = -(-t.nbytes // 4096) * 4096  # page-aligned pieces keep each tensor's rows cache-line aligned
-        if self._map is None or self._used + n > len(self._map):
-            size = max(self.CHUNK, -(-n // (2 << 20)) * (2 << 20))
-            # private, or Linux backs it with shared memory, whose huge pages are off by default
-            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self._map.madvise(mmap.MADV_HUGEPAGE)
-            self._used = 0
-        out = torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=self._used)
-        self._used += n
-        return out.view(t.dtype).reshape(t.shape).copy_(t)  # the tensor keeps its mapping alive
 
 
 def expected_keys(model: torch.nn.Module) -> dict[str, torch.Size]:

