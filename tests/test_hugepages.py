@@ -1,4 +1,4 @@
-"""Huge-page memory for what decoding streams (src/phi3v/hugepages.py)."""
+"""Huge-page memory for the quantized weights (src/phi3v/hugepages.py)."""
 
 import platform
 
@@ -7,7 +7,6 @@ import torch
 
 from phi3v import hugepages
 from phi3v.hugepages import HugePages
-from phi3v.kv_cache import KVCache
 
 from .conftest import huge_page_advised
 
@@ -27,22 +26,3 @@ def test_huge_pages_hold_exact_copies():
     big = torch.zeros(HugePages.CHUNK + 1, dtype=torch.int8)
     assert torch.equal(arena.copy(big), big)
     assert all(huge_page_advised(c) for c in copies)
-
-
-def test_zeros_are_zeros_in_huge_pages_of_their_own():
-    z = hugepages.zeros((3, 1000, 7), torch.bfloat16, torch.device("cpu"))
-    assert z.shape == (3, 1000, 7) and z.dtype == torch.bfloat16 and not z.any() and huge_page_advised(z)
-    z[1, 2, 3] = 5  # writable
-    assert z.sum() == 5
-    assert hugepages.zeros((0, 4), torch.float32, torch.device("cpu")).shape == (0, 4)
-
-
-def test_the_kv_cache_lives_in_huge_pages_and_keeps_its_entries_as_it_grows():
-    cache = KVCache(2, 3, 8, torch.bfloat16, torch.device("cpu"))
-    cache.reserve(1, 5)
-    k = torch.randn(1, 3, 5, 8)
-    cache.write(1, slice(0, 1), torch.arange(5)[None], k, -k, 5)
-    cache.reserve(2, 40)
-    assert huge_page_advised(cache.k) and huge_page_advised(cache.v)
-    assert torch.equal(cache.k[1, :1, :, :5], k.bfloat16()) and torch.equal(cache.v[1, :1, :, :5], -k.bfloat16())
-    assert not cache.k[:, :, :, 5:].any() and not cache.k[0].any() and not cache.k[:, 1].any()

@@ -1,13 +1,13 @@
-"""CPU memory in transparent huge pages for the tensors each decoding step streams through: the
-quantized weights (`weights.load_model`) and the KV cache.
+"""CPU memory in transparent huge pages for the quantized weights, which each decoding step streams
+through (`weights.load_model`).
 
 Read from 2 MiB pages instead of 4 KiB ones (fewer TLB misses as the prefetchers stream across page
 boundaries), on the AMX Xeon a batch-1 decode step of Phi-3-V took 179 ms instead of 204 in int8, 97
 instead of 120 in int4 (with `Int4Linear.blocked`, whose pairs would otherwise meet in the same cache
-sets), and the attention over an 800-token cache 14.5 ms instead of 17. The memory is anonymous and
-private (shared anonymous memory is shmem, whose huge pages Linux leaves off by default) and advised
-with MADV_HUGEPAGE, which the usual `madvise` THP setting honours. Where the OS offers no such advice,
-tensors stay where PyTorch put them.
+sets; bench/hugepages.py). The memory is anonymous and private (shared anonymous memory is shmem, whose
+huge pages Linux leaves off by default) and advised with MADV_HUGEPAGE, which the usual `madvise` THP
+setting honours. Where the OS offers no such advice, tensors stay where PyTorch put them. The KV cache
+stays in ordinary pages: see `KVCache.reserve`.
 """
 
 from __future__ import annotations
@@ -31,14 +31,6 @@ def _tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...] | torch.Size, dty
     """A tensor over mm's bytes from `offset`; it keeps the mapping alive."""
     count = torch.Size(shape).numel() * dtype.itemsize
     return torch.frombuffer(mm, dtype=torch.uint8, count=count, offset=offset).view(dtype).reshape(shape)
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.zeros, in a huge-page mapping of its own on the CPU. Its pages become resident as they are
-    written, not at once."""
-    if device.type != "cpu" or not AVAILABLE or torch.Size(shape).numel() == 0:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return _tensor(_mapping(torch.Size(shape).numel() * dtype.itemsize), 0, shape, dtype)
 
 
 class HugePages:
