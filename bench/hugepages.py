@@ -128,7 +128,8 @@ def kv_prefill(checkpoint: str, rounds: int) -> dict[str, float]:
 
     def huge_zeros(shape, dtype, device):
         n = torch.Size(shape).numel() * dtype.itemsize
-        return hugepages._tensor(hugepages._mapping(n), 0, shape, dtype)
+        mm, start = hugepages._mapping(n)
+        return hugepages._tensor(mm, start, shape, dtype)
 
     def reserve_in_huge_pages(cache, rows, capacity):  # its torch.zeros is the cache's only allocation
         torch.zeros = huge_zeros

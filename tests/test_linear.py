@@ -127,13 +127,15 @@ def test_blocked_int4_pairs_are_pytorchs_in_another_order(monkeypatch):
         assert torch.equal(blocked.pairs(lo, hi), plain.pairs(lo, hi)), (lo, hi)
     if linear._cpu_int4_block() == 64:  # the layout the blocked order is for
         assert torch.equal(blocked.dequantize(torch.float32), plain.dequantize(torch.float32))
-        for rows in (1, linear.FEW_ROWS + 3):
+        for rows in (1, 2, linear.FEW_ROWS + 3):  # 2: PyTorch's kernel, from a kept copy in its order
             x = torch.randn(rows, 256)
             want = F.linear(x, plain.dequantize(torch.float32), b)
             assert rel(blocked(x), want) < 1e-2 and rel(plain(x), want) < 1e-2
             with monkeypatch.context() as m:
                 m.setattr(linear.cpu_kernels, "get", lambda: None)  # PyTorch's kernels, in PyTorch's order
                 assert rel(blocked(x), want) < 1e-2
+        assert torch.equal(blocked._torch_pairs(), plain.scales_and_zeros)
+        assert blocked._torch_pairs() is blocked._torch_pairs()
 
 
 def test_int4_with_a_partial_row_block_runs_prompts_too():

@@ -270,8 +270,8 @@ void check_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Ten
 
 // The (scale, zero) bfloat16 pairs of the 64-row int4 kernels: (N / 64, K / group, 64, 2), each row block's
 // pairs together. In PyTorch's (K / group, N, 2) order a block read its groups' pairs N * 4 bytes apart,
-// and with the weights in 2 MiB pages those reads met in the same cache sets: a Phi-3-V decode step took
-// 7% longer than from 4 KiB pages, against 18% shorter with this order (AMX Xeon).
+// and with the weights in 2 MiB pages those reads met in the same cache sets: Phi-3-V's decode steps got
+// longer than from 4 KiB pages, not 11% shorter as in this order (AMX Xeon, bench/hugepages.py).
 void check_blocked_pairs(const torch::Tensor& sz, int64_t N, int64_t K, int64_t group) {
   TORCH_CHECK(sz.is_contiguous() && sz.scalar_type() == torch::kBFloat16 && sz.dim() == 4 && sz.size(0) == N / 64 &&
               sz.size(1) == K / group && sz.size(2) == 64 && sz.size(3) == 2,

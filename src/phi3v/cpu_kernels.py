@@ -81,7 +81,7 @@ def _env_prefetch() -> int | None:
             return n
     except ValueError:
         pass
-    print(f"phi3v: ignoring PHI3V_PREFETCH={env!r} (expected bytes from 0, off, to {PREFETCH_LIMIT})", file=sys.stderr)
+    print(f"phi3v: ignoring PHI3V_PREFETCH={env!r} (expected 0 (off) to {PREFETCH_LIMIT} bytes)", file=sys.stderr)
     return None
 
 

@@ -2,9 +2,9 @@
 through (`weights.load_model`).
 
 Read from 2 MiB pages instead of 4 KiB ones (fewer TLB misses as the prefetchers stream across page
-boundaries), on the AMX Xeon a batch-1 decode step of Phi-3-V took 179 ms instead of 204 in int8, 97
-instead of 120 in int4 (with `Int4Linear.blocked`, whose pairs would otherwise meet in the same cache
-sets; bench/hugepages.py). The memory is anonymous and private (shared anonymous memory is shmem, whose
+boundaries), on the AMX Xeon a batch-1 decode step of Phi-3-V took 174 ms instead of 197 in int8, 105
+instead of 118 in int4 (with `Int4Linear.blocked`: in PyTorch's order the pairs' reads met in the same
+cache sets and huge pages made int4 slower; bench/hugepages.py). The memory is anonymous and private (shared anonymous memory is shmem, whose
 huge pages Linux leaves off by default) and advised with MADV_HUGEPAGE, which the usual `madvise` THP
 setting honours. Where the OS offers no such advice, tensors stay where PyTorch put them. The KV cache
 stays in ordinary pages: see `KVCache.reserve`.
@@ -20,11 +20,17 @@ AVAILABLE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 HUGE_PAGE = 2 << 20
 
 
-def _mapping(nbytes: int) -> mmap.mmap:
-    """Zero-filled private anonymous memory advised for huge pages, a whole number of them."""
-    mm = mmap.mmap(-1, max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE)
-    return mm
+def _mapping(nbytes: int) -> tuple[mmap.mmap, int]:
+    """Zero-filled private anonymous memory advised for huge pages, and the offset in it of its first
+    2 MiB boundary (kernels before 6.7 do not align such mappings themselves): nbytes from there on."""
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without transparent huge pages: ordinary pages, then
+        pass
+    address = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+    return mm, -address % HUGE_PAGE
 
 
 def _tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -45,11 +51,11 @@ class HugePages:
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         """t's data in huge-page memory (t itself off the CPU, or where there is none)."""
-        if t.device.type != "cpu" or not AVAILABLE:
+        if t.device.type != "cpu" or not AVAILABLE or t.numel() == 0:
             return t
         n = -(-t.nbytes // 4096) * 4096  # page-aligned pieces keep each tensor's rows cache-line aligned
         if self._map is None or self._used + n > len(self._map):
-            self._map, self._used = _mapping(max(self.CHUNK, n)), 0
+            self._map, self._used = _mapping(max(self.CHUNK, n))
         out = _tensor(self._map, self._used, t.shape, t.dtype)
         self._used += n
         return out.copy_(t)

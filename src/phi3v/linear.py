@@ -121,7 +121,7 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
 def _own_bf16_dequantizer(layer: Int8Linear | Int4Linear, x: Tensor, dt: torch.dtype):
     """(lo, hi, out) -> rows lo:hi of `layer`'s weight written into `out` as bfloat16 by phi3v's kernels,
     the same values as layer.dequantize(torch.bfloat16, lo, hi), where a bf16 many-row product on this CPU
-    can use them (AVX512-BF16; int4 in PyTorch's 64-row layout); else None."""
+    can use them (AVX512-BF16; int4 with blocked pairs, in PyTorch's 64-row layout); else None."""
     if dt != torch.bfloat16 or x.device.type != "cpu" or layer.in_features % 32 or _records_grad(x):
         return None
     if not cpu_kernels.has_avx512_bf16() or (own := cpu_kernels.get()) is None:
@@ -270,13 +270,23 @@ class Int4Linear(nn.Module):
         return self.scales_and_zeros.dim() == 4
 
     def pairs(self, lo: int = 0, hi: int | None = None) -> Tensor:
-        """The (scale, zero) pairs of output rows lo:hi (multiples of 64 when blocked), (groups, rows, 2)."""
+        """The (scale, zero) pairs of output rows lo:hi in PyTorch's order, (groups, rows, 2)."""
         sz = self.scales_and_zeros
         if not self.blocked:
             return sz[:, lo:hi]
         hi = self.out_features if hi is None else hi
         block = sz[lo // 64 : -(-hi // 64)]
         return block.transpose(0, 1).reshape(sz.shape[1], -1, 2)[:, lo % 64 : lo % 64 + hi - lo]
+
+    def _torch_pairs(self) -> Tensor:
+        """The pairs as PyTorch's CPU kernel takes them. A blocked layer keeps a copy once asked, since a
+        few rows at a time (batched decoding) go to that kernel every step: at group 128, 1/16 of the
+        codes' size."""
+        if not self.blocked:
+            return self.scales_and_zeros
+        if getattr(self, "_pytorch_order", None) is None:
+            self._pytorch_order = self.pairs().contiguous()
+        return self._pytorch_order
 
     @classmethod
     def quantize(cls, weight: Tensor, bias: Tensor | None, device: torch.device, group_size: int | None = None
@@ -334,7 +344,7 @@ class Int4Linear(nn.Module):
                                 self.group_size, *extra)  # fmt: skip
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
-                                                  self.pairs().contiguous())  # fmt: skip
+                                                  self._torch_pairs())  # fmt: skip
         else:
             y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros)
         return _finish(self, y, x)

@@ -44,7 +44,7 @@ EMBEDDING = "model.embed_tokens.weight"
 # Smaller tensors (norms, biases, position embeddings) are copied even when their dtype is right. A page
 # of a read-only map brings the page cache's whole folio around it into our resident set, so each of the
 # vision tower's few-KB biases and norms, used from the map, pulled in up to MBs of its quantized
-# neighbours' dropped pages: 0.21-0.27 GiB more peak RSS in an int4 run of Phi-3-V (3.32-3.38 GiB
+# neighbours' dropped pages: 0.19-0.27 GiB more peak RSS in an int4 run of Phi-3-V (3.32-3.38 GiB
 # against 3.11-3.15 copied; AMX Xeon, kernel 6.18, bench/rss_stages.py). The copies come to 4 MB.
 MAPPED_FROM_BYTES = 4 << 20
 # A fine-tune may store the shared embedding under the vision module's name too (spec §2.2).
@@ -112,16 +112,17 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 def iter_tensors(
-    path: Path, names: set[str], convert: Callable[[str, torch.Tensor], Any]
+    path: Path, names: set[str], convert: Callable[[str, torch.Tensor], Any], by_row: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, Any]]:
     """Yield (name, tensor) for `names` in one shard, each a view of a read-only memory map of the file.
 
     `convert(name, view)` returns a converted copy (or a quantized layer), whose file pages are then
     dropped from our resident set, or None to keep the view itself: zero-copy, paged in on first use and
-    shared with the OS page cache. Kept views but the token embedding are mapped with huge pages where
-    the OS offers them: each decoding step reads them whole, and a bf16 step of Phi-3-V took 316 ms
-    instead of 355 (AMX Xeon, ext4, kernel 6.18: 7.1 GB of the map in 2 MiB pages, not 1.8). The
-    embedding is read a row at a time, and a 2 MiB page would bring in 340 rows with each.
+    shared with the OS page cache. Kept views but those in `by_row` are mapped with huge pages where
+    the OS offers them: each decoding step reads them whole, and a bf16 step of Phi-3-V took 325 ms
+    instead of 357 after a cold read (AMX Xeon, ext4, kernel 6.18: 6.7 GiB of the map in 2 MiB pages,
+    not 1.7; bench/hugepages.py). The token embedding is read a row at a time, and a 2 MiB page would
+    bring in 340 rows with each.
     """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -140,9 +141,10 @@ def iter_tensors(
             view = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start).view(dtype).reshape(shape)
         out = convert(name, view)
         if out is None:
-            if name != EMBEDDING and hasattr(mmap, "MADV_HUGEPAGE"):
+            if name not in by_row and hasattr(mmap, "MADV_HUGEPAGE"):
                 lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-                mm.madvise(mmap.MADV_HUGEPAGE, lo, end - lo)
+                with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+                    mm.madvise(mmap.MADV_HUGEPAGE, lo, end - lo)
             yield name, view
             continue
         del view
@@ -250,7 +252,7 @@ def load_model(
             layer = quantize_layer(t, None, mode, device, group_size)
             if mode == "int8":
                 layer.qweight = huge.copy(layer.qweight)
-            elif layer.blocked:
+            elif layer.blocked:  # not the others: huge pages slowed PyTorch's order of pairs (hugepages.py)
                 layer.qweight, layer.scales_and_zeros = huge.copy(layer.qweight), huge.copy(layer.scales_and_zeros)
             return layer
         want = dtype if t.is_floating_point() else t.dtype
@@ -264,10 +266,11 @@ def load_model(
     for ours, theirs in stored.items():
         by_file.setdefault(files[theirs], set()).add(theirs)
     renamed = {theirs: ours for ours, theirs in stored.items()}
+    by_row = frozenset(theirs for ours, theirs in stored.items() if ours == EMBEDDING)
     state, layers, done = {}, {}, 0
     with freed_memory_returned(device.type == "cpu" and quantize is not None):
         for path, names in sorted(by_file.items()):
-            for name, t in iter_tensors(path, names, convert):
+            for name, t in iter_tensors(path, names, convert, by_row):
                 ours = renamed[name]
                 shape = (t.out_features, t.in_features) if isinstance(t, torch.nn.Module) else t.shape
                 if tuple(shape) != tuple(want[ours]):
