@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from rss_stages import evict  # bench/ is this script's folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,10 +163,7 @@ def bf16_steps(checkpoint: str, rounds: int) -> dict[str, float]:
     in a fresh process after a cold read."""
     out = {}
     for which in ("huge", "small"):
-        for path in Path(checkpoint).glob("*.safetensors"):
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        evict(Path(checkpoint))
         env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
         run = subprocess.run([sys.executable, "-c", BF16_CHILD, checkpoint, which, str(rounds)], check=True,
                              capture_output=True, text=True, env=env)  # fmt: skip

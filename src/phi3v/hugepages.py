@@ -12,6 +12,7 @@ stays in ordinary pages: see `KVCache.reserve`.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import torch
@@ -20,15 +21,20 @@ AVAILABLE = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 HUGE_PAGE = 2 << 20
 
 
+def advise(mm: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Ask for huge pages for mm's bytes start..start+length (page-aligned start; None: to the end),
+    where the OS offers them: a no-op elsewhere, and on kernels built without transparent huge pages."""
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            mm.madvise(mmap.MADV_HUGEPAGE, start, len(mm) - start if length is None else length)
+
+
 def _mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     """Zero-filled private anonymous memory advised for huge pages, and the offset in it of its first
     2 MiB boundary (kernels before 6.7 do not align such mappings themselves): nbytes from there on."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel built without transparent huge pages: ordinary pages, then
-        pass
+    advise(mm)
     address = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
     return mm, -address % HUGE_PAGE
 

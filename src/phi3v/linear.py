@@ -263,6 +263,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
+        self._pytorch_order: Tensor | None = None  # blocked pairs in PyTorch's order, once its kernel asks
 
     @property
     def blocked(self) -> bool:
@@ -284,7 +285,7 @@ class Int4Linear(nn.Module):
         codes' size."""
         if not self.blocked:
             return self.scales_and_zeros
-        if getattr(self, "_pytorch_order", None) is None:
+        if self._pytorch_order is None:
             self._pytorch_order = self.pairs().contiguous()
         return self._pytorch_order
 

@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from phi3v import cpu_kernels, pocket
+from phi3v import cpu_kernels, hugepages, pocket
 from phi3v.config import Phi3VConfig
 from phi3v.errors import Phi3VError
-from phi3v.hugepages import HugePages
 from phi3v.linear import check_quant_mode, pack_for_cpu, quantize_layer
 from phi3v.model import Phi3VForCausalLM
 
@@ -140,15 +139,13 @@ def iter_tensors(
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start).view(dtype).reshape(shape)
         out = convert(name, view)
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE  # madvise takes page-aligned starts
         if out is None:
-            if name not in by_row and hasattr(mmap, "MADV_HUGEPAGE"):
-                lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-                with contextlib.suppress(OSError):  # a kernel without transparent huge pages
-                    mm.madvise(mmap.MADV_HUGEPAGE, lo, end - lo)
+            if name not in by_row:
+                hugepages.advise(mm, lo, end - lo)
             yield name, view
             continue
         del view
-        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
         mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
         yield name, out
 
@@ -244,7 +241,7 @@ def load_model(
         )
 
     modes = quant_plan(model, quantize, quantize_vision)
-    huge = HugePages()
+    huge = hugepages.HugePages()
 
     def convert(name: str, t: torch.Tensor) -> Any:
         mode = modes.get(renamed[name].removesuffix(".weight"))
