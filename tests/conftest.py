@@ -53,14 +53,28 @@ def crossing_config(orig: int = 32):
     return replace(cfg, text=replace(cfg.text, original_max_position_embeddings=orig, max_position_embeddings=32 * orig))
 
 
+def mapping_fields(address: int) -> dict[str, str]:
+    """/proc/self/smaps' fields ("Rss", "VmFlags", ...) for the mapping that holds `address`."""
+    fields, inside = {}, False
+    for line in open("/proc/self/smaps"):
+        head, _, rest = line.partition(" ")
+        if "-" in head and ":" not in head:
+            if inside:
+                break
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside:
+            fields[head.rstrip(":")] = rest.strip()
+    if not fields:
+        raise AssertionError("no mapping holds the address")
+    return fields
+
+
 def huge_page_advised(t: torch.Tensor) -> bool:
     """Whether t's data lies in a mapping advised for huge pages ("hg" in /proc/self/smaps' VmFlags)."""
-    span = None
-    for line in open("/proc/self/smaps"):
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            span = (lo, hi)
-        elif head == "VmFlags:" and span[0] <= t.data_ptr() < span[1]:
-            return "hg" in line.split()[1:]
-    raise AssertionError("no mapping holds the tensor")
+    return "hg" in mapping_fields(t.data_ptr())["VmFlags"].split()
+
+
+def resident_bytes(address: int) -> int:
+    """The resident bytes of the mapping that holds `address` (smaps' Rss)."""
+    return int(mapping_fields(address)["Rss"].split()[0]) * 1024

@@ -47,6 +47,26 @@ def test_bf16_many_rows_run_in_float32_on_cpus_without_bf16(monkeypatch):
     assert torch.equal(layer(x), F.linear(x, w.bfloat16()))
 
 
+@pytest.mark.skipif(not linear._has_onednn_pointwise() or not linear.cpu_has_fast_bf16(),
+                    reason="no oneDNN linear op, or bf16 is emulated on this CPU")  # fmt: skip
+def test_bf16_prompts_with_a_bias_add_it_inside_onednns_product():
+    """The vision tower's layers (bias, many bf16 rows): oneDNN's linear op, bit for bit F.linear's result.
+    Strided rows, which that op reads wrongly, and products autograd records take F.linear."""
+    w, b = (t.bfloat16() for t in weights(256, 128))
+    layer = Linear(128, 256).bfloat16().requires_grad_(False)
+    layer.weight.data, layer.bias.data = w, b
+    x = torch.randn(3, 50, 128).bfloat16()
+    strided = torch.randn(3, 51, 128).bfloat16()[:, 1:]
+    assert linear._onednn_bias_product(x, w, b)
+    assert not linear._onednn_bias_product(strided, w, b)
+    assert not linear._onednn_bias_product(x[:1, :4].clone(), w, b)  # few rows: the decoding kernels
+    assert not linear._onednn_bias_product(x.float(), w.float(), b.float())
+    assert not linear._onednn_bias_product(x.requires_grad_(), w, b)
+    x.requires_grad_(False)
+    for rows in (x, strided):
+        assert torch.equal(layer(rows), F.linear(rows, w, b))
+
+
 def test_int4_layout_round_trips():
     q = torch.randint(0, 16, (192, 64), dtype=torch.int32)
     assert torch.equal(_unpack_int4(_pack_int4(q), torch.empty(192, 64, dtype=torch.int32)), q)

@@ -1,6 +1,8 @@
 """Checkpoint layout and loading (spec §2)."""
 
 import json
+import mmap
+import os
 import platform
 
 import pytest
@@ -13,7 +15,7 @@ from phi3v import linear, weights
 from phi3v.linear import Int4Linear, Int8Linear
 from phi3v.weights import INDEX_FILE, load_model, resolve_checkpoint
 
-from .conftest import huge_page_advised
+from .conftest import huge_page_advised, resident_bytes
 
 
 def test_full_checkpoint_has_exactly_the_official_keys_and_size(official_dir):
@@ -98,6 +100,36 @@ def test_streamed_weights_get_huge_pages(monkeypatch, tiny_checkpoint):
     for m in ref.model.layers[0].modules():
         if isinstance(m, Int8Linear):
             assert huge_page_advised(m.qweight)
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    release = platform.release().split(".")
+    return platform.system() == "Linux" and tuple(int(x) for x in release[:2]) >= (major, minor)
+
+
+@pytest.mark.skipif(not kernel_at_least(5, 14), reason="MADV_POPULATE_READ needs Linux 5.14")
+def test_populate_maps_the_bytes_in(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(1 << 20))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable, for frombuffer; never written
+    address = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()  # reads nothing
+    before = resident_bytes(address)
+    weights.populate(mm, 0, 1 << 20)
+    assert before < (1 << 20) <= resident_bytes(address)
+
+
+def test_streamed_weights_are_read_in_while_loading(monkeypatch, tiny_checkpoint):
+    """Every view kept in the file map but the token embedding (read by rows) is populated at load, so a
+    first prompt does not wait on its disk reads."""
+    monkeypatch.setattr(weights, "MAPPED_FROM_BYTES", 0)
+    spans = []
+    monkeypatch.setattr(weights, "populate", lambda mm, start, length: spans.append(length))
+    model = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    kept = [t for t in model.state_dict().values() if t.nbytes]
+    emb = model.model.embed_tokens.weight
+    assert len(spans) == len(kept) - 1
+    assert sum(spans) >= sum(t.nbytes for t in kept) - emb.nbytes
 
 
 def test_single_file_and_alias(tmp_path, tiny_checkpoint):

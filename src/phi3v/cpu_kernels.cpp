@@ -769,6 +769,13 @@ torch::Tensor quantize_row_for_test(torch::Tensor x) {
   return q.view({-1, 32}).to(torch::kFloat32) * d.view({-1, 1});
 }
 
+// cpu_fused.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor quick_gelu_(torch::Tensor x);
+std::vector<torch::Tensor> rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t q_heads,
+                                int64_t kv_heads, int64_t D);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "one float32 row times a bfloat16 weight");
   m.def("bf16_gemv_avx512", &bf16_gemv_avx512, "one bfloat16 row times a bfloat16 weight (AVX512-BF16 dot products)",
@@ -785,5 +792,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rows lo..hi of an int4 weight (PyTorch's AVX512 layout) as bfloat16, into out");
   m.def("decode_attention", &decode_attention, "one decoding step's attention over a float32 or bfloat16 KV cache",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("scale"), py::arg("prefetch") = 0);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (needs AVX512)");
+  m.def("silu_mul", &silu_mul, "up * silu(gate) for the MLP's [gate; up] (needs AVX512)");
+  m.def("quick_gelu_", &quick_gelu_, "x * sigmoid(1.702 x), in place (needs AVX512)");
+  m.def("rope", &rope, "rotated (B, H, T, D) queries and keys from the front of (B, T, W) rows (needs AVX512)",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("D"));
   m.def("quantize_row", &quantize_row_for_test, "the int8 kernels' view of one row, dequantized: (K / 32, 32)");
 }

@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "cpu_fused.cpp")]
 # OpenMP: at::parallel_for's backend. No FMA contraction: the dequantizers must round a multiply and an add
 # separately, as PyTorch's float32 dequantizing does (the kernels ask for FMAs where they want them).
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
@@ -55,6 +55,26 @@ def has_vnni() -> bool:
 def has_avx512_bf16() -> bool:
     """Whether the CPU has AVX512-BF16 dot products (the bf16 kernel for bfloat16 activations)."""
     return {"avx512_bf16", "avx512bw"} <= (cpu_flags() or frozenset())
+
+
+@functools.cache
+def has_avx512() -> bool:
+    """Whether the CPU has the AVX512 subsets the fused kernels use (F, BW, VL)."""
+    return {"avx512f", "avx512bw", "avx512vl"} <= (cpu_flags() or frozenset())
+
+
+def fused(*tensors: torch.Tensor) -> ModuleType | None:
+    """The kernels, when their fused layer steps (cpu_fused.cpp) can take these tensors: contiguous, on the
+    CPU, all bfloat16 or all float32, none with a gradient to record (the kernels have no backward), on
+    an AVX512 CPU; else None, for PyTorch's ops."""
+    x = tensors[0]
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if not all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() for t in tensors):
+        return None
+    return get() if has_avx512() else None
 
 
 @functools.cache
@@ -106,7 +126,7 @@ def prefetch_bytes(attention: bool = False) -> int:
 
 def _build_dir() -> Path:
     """A cache folder per source, PyTorch and Python version: the built module depends on all three."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode() + torch.__version__.encode()
                          + sys.version.encode()).hexdigest()[:16]  # fmt: skip
     root = Path(os.environ.get("PHI3V_CACHE") or Path.home() / ".cache" / "phi3v")
     return root / "kernels" / key
@@ -134,7 +154,7 @@ def get() -> ModuleType | None:
     try:
         return cpp_extension.load(
             "phi3v_cpu_kernels",
-            [str(SOURCE)],
+            [str(s) for s in SOURCES],
             build_directory=str(build),
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],

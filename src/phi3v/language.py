@@ -24,6 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if (kernels := cpu_kernels.fused(x, self.weight)) is not None:
+            return cpu_kernels.run(kernels.rms_norm, x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -61,11 +63,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, a: AttentionInputs) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if a.cos.shape[0] == B and (fused := cpu_kernels.fused(qkv, a.cos, a.sin)) is not None:
+            q, k = cpu_kernels.run(fused.rope, qkv, a.cos, a.sin, self.n_heads, self.n_kv, self.head_dim)
+        else:
+            q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), a.cos, a.sin)
+            k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), a.cos, a.sin)
         if a.cache is not None:  # keys are cached after RoPE (spec §3.3)
             k, v = a.cache.write(self.layer_idx, a.rows, a.positions, k, v, a.kv_len)
             if a.kv_lens is not None and (kernels := _decode_kernels(q, k)) is not None:
@@ -98,7 +103,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (kernels := cpu_kernels.fused(gate_up)) is not None:
+            return self.down_proj(cpu_kernels.run(kernels.silu_mul, gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
 
 

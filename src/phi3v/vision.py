@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phi3v import cpu_kernels
 from phi3v.config import VisionConfig
 from phi3v.linear import Linear
 
@@ -57,6 +58,8 @@ class CLIPMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)
+        if (kernels := cpu_kernels.fused(x)) is not None:
+            return self.fc2(cpu_kernels.run(kernels.quick_gelu_, x))  # in place: x is fc1's fresh output
         return self.fc2(x * torch.sigmoid(1.702 * x))  # quick_gelu
 
 
