@@ -77,6 +77,22 @@ def test_cached_decode_matches_full_recompute(pair):
         lens = [n + 1 for n in lens]
 
 
+def test_cache_writes_of_a_prefill_and_of_single_positions_agree():
+    """A prefill (T tokens at positions 0..T-1: a plain copy) and the same keys written one position at a
+    time (indexed) leave the same cache, and hand back the same first kv_len entries."""
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    whole, steps = (KVCache(2, 3, 8, torch.bfloat16, torch.device("cpu")) for _ in range(2))
+    for c in (whole, steps):
+        c.reserve(3, 10)
+    got = whole.write(1, slice(1, 3), torch.arange(6)[None].expand(2, 6), k, v, 6)
+    for t in range(6):
+        want = steps.write(1, slice(1, 3), torch.full((2, 1), t), k[:, :, t : t + 1], v[:, :, t : t + 1], t + 1)
+    assert torch.equal(whole.k, steps.k) and torch.equal(whole.v, steps.v)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(got[0], k.bfloat16()) and not whole.k[:, 0].any() and not whole.k[0].any()
+
+
 def test_rope_reference_numbers():
     """Spec §9: inv_freq with factor 1 is 10000^(-2i/96); scale sqrt(17/12) for the official lengths."""
     from phi3v.checkpoint import preset
