@@ -12,7 +12,9 @@ kernel (oneDNN's, for bfloat16 on the CPU). This times, on random weights of the
 - attention alone (PyTorch's fused CPU `scaled_dot_product_attention`, which both implementations call) on
   the layers' head shapes;
 - phi3v's own layers (`CLIPEncoderLayer`, `DecoderLayer`) on the same inputs: the products and attention
-  plus norms, RoPE and activations.
+  plus norms, RoPE and activations; once with phi3v's fused kernels for those steps (cpu_fused.cpp, on
+  AVX512 CPUs) and the vision tower's biases added inside oneDNN's product, and once as before those
+  (`*_eager_s`): PyTorch's eager ops for those steps and F.linear for the biases.
 
 Their ratio says how much of a first token any implementation can still win without changing the math:
 if phi3v's layers run within a few percent of their products, so does any other implementation that
@@ -29,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from phi3v import cpu_kernels, linear
 from phi3v.config import TextConfig, VisionConfig
 from phi3v.language import AttentionInputs, DecoderLayer
 from phi3v.rope import cos_sin
@@ -83,26 +86,37 @@ def measure(tokens: int, crops: int, dtype: torch.dtype, repeat: int) -> dict:
     dec_attn = best_of(lambda: F.scaled_dot_product_attention(qd, qd, qd, is_causal=True), repeat)
     clip_layer = best_of(lambda: clip(xv), repeat)
     dec_layer = best_of(lambda: dec(xd, attn), repeat)
+    fused, bias_product = cpu_kernels.fused, linear._onednn_bias_product
+    cpu_kernels.fused = lambda *tensors: None  # every layer step on PyTorch's ops,
+    linear._onednn_bias_product = lambda *args: False  # and the biases added by F.linear
+    try:
+        clip_eager = best_of(lambda: clip(xv), repeat)
+        dec_eager = best_of(lambda: dec(xd, attn), repeat)
+    finally:
+        cpu_kernels.fused, linear._onednn_bias_product = fused, bias_product
 
     n_clip, n_dec = v.layers_to_run, t.num_hidden_layers
     flops = 2 * (crops * (v.num_patches + 1) * 12 * v.hidden_size**2 * n_clip
                  + tokens * (t.hidden_size * (3 * t.hidden_size + t.hidden_size + 3 * t.intermediate_size)) * n_dec)  # fmt: skip
     floor = clip_mm * n_clip + dec_mm * n_dec
     layers = clip_layer * n_clip + dec_layer * n_dec
+    eager = clip_eager * n_clip + dec_eager * n_dec
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},  # fmt: skip
         "settings": {"tokens": tokens, "crops": crops, "dtype": str(dtype).removeprefix("torch."), "repeat": repeat},
         "clip": {"layers": n_clip, "products_s": round(clip_mm * n_clip, 2), "attention_s": round(clip_attn * n_clip, 2),
-                 "phi3v_layers_s": round(clip_layer * n_clip, 2)},
+                 "phi3v_layers_s": round(clip_layer * n_clip, 2), "phi3v_layers_eager_s": round(clip_eager * n_clip, 2)},
         "decoder": {"layers": n_dec, "products_s": round(dec_mm * n_dec, 2), "attention_s": round(dec_attn * n_dec, 2),
-                    "phi3v_layers_s": round(dec_layer * n_dec, 2)},
+                    "phi3v_layers_s": round(dec_layer * n_dec, 2), "phi3v_layers_eager_s": round(dec_eager * n_dec, 2)},
         "products_tflop": round(flops / 1e12, 2),
         "products_gflops": round(flops / floor / 1e9, 1),
         "floor_s": round(floor, 2),
         "floor_with_attention_s": round(floor + clip_attn * n_clip + dec_attn * n_dec, 2),
         "phi3v_layers_s": round(layers, 2),
+        "phi3v_layers_eager_s": round(eager, 2),
         "phi3v_over_floor": round(layers / floor, 3),
+        "eager_over_floor": round(eager / floor, 3),
     }  # fmt: skip
 
 

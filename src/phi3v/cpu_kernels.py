@@ -3,9 +3,11 @@ one decoding step's attention, for x86-64 CPUs with AVX2 and FMA; on AVX512 CPUs
 AVX512-BF16 dot products (bf16) and AVX512-VNNI (int8, and int4 in PyTorch's AVX512 layout). They decode
 1.2-2.5x faster than PyTorch's kernels (bench/kernels.py, docs/benchmarks.md), the AVX512 ones at about
 the speed of reading the weights; the int8 and int4 ones round the activations to int8 in blocks of 32,
-where PyTorch's round them to bfloat16.
+where PyTorch's round them to bfloat16. On AVX512 CPUs, also the fused steps of a prompt's layers
+(cpu_fused.cpp: RMSNorm, SwiGLU, RoPE, CLIP's quick GELU), each one pass instead of PyTorch's several,
+rounding as PyTorch's ops do (`fused`).
 
-Compiled with PyTorch's extension builder the first time a bf16 or quantized model is loaded on such a CPU
+Compiled with PyTorch's extension builder the first time a model is loaded on such a CPU
 (about a minute, needs a C++ compiler; the `ninja` package is a dependency), then loaded from the cache
 (`$PHI3V_CACHE`, else `~/.cache/phi3v`). Without a compiler, or with `PHI3V_NATIVE=0`, phi3v uses
 PyTorch's kernels: slower, and the same results within that rounding.

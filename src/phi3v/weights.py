@@ -307,8 +307,7 @@ def load_model(
     if device.type == "cpu":
         pack_for_cpu(model.model.layers)
         pack_for_cpu(model.lm_head)
-        if quantize is not None or dtype == torch.bfloat16:  # the layers that decode in cpu_kernels
-            cpu_kernels.get()  # build them now (once per machine) rather than in the first decoding step
+        cpu_kernels.get()  # build them now (once per machine) rather than in the first prompt
     return model
 
 
