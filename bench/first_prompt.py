@@ -6,7 +6,7 @@ while loading (phi3v's load) against the same load leaving them to be paged in o
 
 Each configuration runs in a fresh subprocess: load, then the same 4-crop image prompt twice (image
 processor, vision tower, prefill up to the first token), each timed with the minor page faults it took.
-"cold" first drops the checkpoint's pages from the OS page cache (bench/rss_stages.py's `evict`), so
+"cold" first drops the checkpoint's pages from the OS page cache (bench/rss_stages.py's `run_child`), so
 the weights come from the disk: at load with populating, during the first prompt without; "warm" runs
 on what the previous run left cached. What a user waits for is load + the first prompt.
 """
@@ -17,11 +17,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
-from rss_stages import evict
+from rss_stages import run_child  # bench/ is this script's folder on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,12 +57,9 @@ print(json.dumps(out))
 
 
 def run(a: argparse.Namespace, populate: bool, cold: bool) -> dict:
-    if cold:
-        evict(a.checkpoint)
+    """One configuration in a fresh interpreter: {load_s, prompts: [{vision_s, prefill_s, ttft_s, faults}] x 2}."""
     argv = [str(a.checkpoint), a.quantize, str(a.image), str(a.num_crops), "1" if populate else "0"]
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-c", CHILD, *argv], check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, argv, a.checkpoint, cold)
 
 
 def main() -> None:

@@ -70,14 +70,20 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
+def run_child(code: str, argv: list[str], folder: Path, cold: bool) -> dict:
+    """`code` run in a fresh interpreter with `argv`, after dropping `folder`'s checkpoint from the page
+    cache if `cold`: the JSON object on its last line of output."""
+    if cold:
+        evict(folder)
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(a: argparse.Namespace, mapped_from: int, cold: bool) -> dict:
     """One configuration in a fresh interpreter: {stage: {VmHWM, RssAnon, RssFile}} in bytes."""
-    if cold:
-        evict(a.checkpoint)
     argv = [str(a.checkpoint), a.quantize, str(a.image), str(a.num_crops), str(a.new_tokens), str(mapped_from)]
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-c", CHILD, *argv], check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, argv, a.checkpoint, cold)
 
 
 def main() -> None:

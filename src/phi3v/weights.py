@@ -155,7 +155,7 @@ def iter_tensors(
         yield name, out
 
 
-# Linux 5.14's MADV_POPULATE_READ (Python's mmap module names it from 3.13 on)
+# Linux 5.14's MADV_POPULATE_READ, by number where Python's mmap module does not name it (3.11's does not)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
