@@ -124,8 +124,9 @@ def iter_tensors(
     not 1.7; bench/hugepages.py). The token embedding is read a row at a time, and a 2 MiB page would
     bring in 340 rows with each.
     The same views are read in and mapped while loading (`populate`), not on first use: from a cold page
-    cache that took 5 s of disk reads out of the first prompt (AMX Xeon, bf16: load 1.6 -> 6.6 s, the first
-    image prompt's first token 14.6-18.1 -> 8.9 s); from a warm one it costs 0.15 s of load.
+    cache that moves the disk reads out of the first prompt (AMX Xeon, bf16, bench/first_prompt.py: load
+    1.6-1.8 -> 5.2-6.2 s, the first image prompt's first token 13.4-14.6 -> 9.1-9.3 s, 0.5-1.8 s sooner in
+    all, in 3 of 5 runs; docs/benchmarks.md has the other two); from a warm one the load takes as long.
     """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
