@@ -3,7 +3,7 @@
 //
 // Why they exist: on CPUs without AVX512 PyTorch's kernels for these (bf16 F.linear, _weight_int8pack_mm,
 // _weight_int4pack_mm_for_cpu) are compute-bound; these read the same weight layouts and run 1.2-2.5x
-// faster (bench/kernels.py), the bf16 one at the speed of a plain read of the weight.
+// faster (bench/linear_routes.py), the bf16 one at the speed of a plain read of the weight.
 // The bf16 kernel keeps the activations in float32. The int8 and int4 ones quantize them to int8 in blocks
 // of 32 (one float scale per block, as llama.cpp's Q8_0) and multiply integers with vpmaddubsw: converting
 // every weight to float is what bounds a float kernel here. This adds about 0.5% relative error to a
@@ -12,7 +12,7 @@
 // where the CPU has the instructions (the Python side checks; each kernel checks again): AVX512-BF16 dot
 // products for bf16 rows, AVX512-VNNI for int8 and for int4 in PyTorch's 64-row AVX512 layout. With a
 // single instruction per cache line or two of weight, they read one row at a time at about the speed of
-// a plain read (bench/kernels.py: 1.1-1.7x PyTorch's kernels there).
+// a plain read (bench/linear_routes.py: 1.1-1.7x PyTorch's kernels there).
 // All split the output rows over PyTorch's own thread pool (at::parallel_for).
 //
 // decode_attention is one decoding step's attention over the KV cache, which it reads in float32 or

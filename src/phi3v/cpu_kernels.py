@@ -1,7 +1,7 @@
 """phi3v's own CPU kernels (cpu_kernels.cpp): one row of activations times a bf16, int8 or int4 weight, and
 one decoding step's attention, for x86-64 CPUs with AVX2 and FMA; on AVX512 CPUs, variants with
 AVX512-BF16 dot products (bf16) and AVX512-VNNI (int8, and int4 in PyTorch's AVX512 layout). They decode
-1.2-2.5x faster than PyTorch's kernels (bench/kernels.py, docs/benchmarks.md), the AVX512 ones at about
+1.2-2.5x faster than PyTorch's kernels (bench/linear_routes.py, docs/benchmarks.md), the AVX512 ones at about
 the speed of reading the weights; the int8 and int4 ones round the activations to int8 in blocks of 32,
 where PyTorch's round them to bfloat16. On AVX512 CPUs, also the fused steps of a prompt's layers
 (cpu_fused.cpp: RMSNorm, SwiGLU, RoPE, CLIP's quick GELU), each one pass instead of PyTorch's several,

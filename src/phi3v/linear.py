@@ -1,6 +1,6 @@
 """Linear layers and the matmul kernel each one uses: dense, int8 and int4 weight-only (issue 5).
 
-Every choice here was measured (bench/kernels.py, docs/benchmarks.md). On the CPU:
+Every choice here was measured (bench/linear_routes.py, docs/benchmarks.md). On the CPU:
 - float32, few rows (decoding): oneDNN with its own weight layout runs 1.2-1.8x faster than MKL's
   GEMV (decode end to end: 1.33x); `pack()` converts a decoder layer once after loading. Prompts run
   on the packed weights too: unpacking them per call for MKL's GEMM measured 20% slower end to end.

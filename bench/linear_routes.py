@@ -1,6 +1,6 @@
 """One linear product per kernel route of src/phi3v/linear.py, at decode and prompt row counts.
 
-    python bench/kernels.py [--n 16384] [--k 3072] [--rows 1 16 787]
+    python bench/linear_routes.py [--n 16384] [--k 3072] [--rows 1 16 787]
 
 The baseline is MKL's float32 `F.linear`, in the same run; each route's median time and its ratio to it.
 "PyTorch kernel" rows are the quantized layers with phi3v's own CPU kernels switched off.
