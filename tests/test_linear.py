@@ -47,6 +47,23 @@ def test_bf16_many_rows_run_in_float32_on_cpus_without_bf16(monkeypatch):
     assert torch.equal(layer(x), F.linear(x, w.bfloat16()))
 
 
+def test_bf16_many_rows_convert_the_weight_a_block_of_rows_at_a_time(monkeypatch):
+    """On CPUs without bf16 instructions each DEQUANT_BLOCK output rows of the weight are converted to float32
+    and multiplied in turn: the blocks, each with its own slice of the bias, make up the whole product."""
+    w, b = weights(200, 128)
+    layer = Linear(128, 200).to(torch.bfloat16).requires_grad_(False)
+    layer.weight.data, layer.bias.data = w.bfloat16(), b.bfloat16()
+    x = torch.randn(2, linear.FEW_ROWS, 128).bfloat16()
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(linear, "DEQUANT_BLOCK", 64)  # blocks of 64, 64, 64 and 8 rows
+    monkeypatch.setattr(linear._scratch, "buf", torch.empty(0))
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    got = layer(x)
+    assert got.shape == (2, linear.FEW_ROWS, 200) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-5)
+    assert linear._scratch.buf.numel() == 64 * 128  # one block's worth of scratch, not the whole weight
+
+
 @pytest.mark.skipif(not linear._has_onednn_pointwise() or not linear.cpu_has_fast_bf16(),
                     reason="no oneDNN linear op, or bf16 is emulated on this CPU")  # fmt: skip
 def test_bf16_prompts_with_a_bias_add_it_inside_onednns_product():

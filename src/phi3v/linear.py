@@ -11,8 +11,9 @@ Every choice here was measured (bench/linear_routes.py, docs/benchmarks.md). On 
   The bf16 ones keep the activations as they come (float32, or bf16 for the AVX512 one); the int8 and
   int4 ones take float32 or bf16 rows, answer in the same dtype, and quantize them to int8 in blocks of
   32 (0.5% relative error per product, against the weights' own 1% and 10%).
-- bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on a
-  temporary float32 copy of the weight, ~6x faster than the emulated bf16 GEMM; few rows stay bf16.
+- bfloat16 on a CPU without bf16 instructions: many rows (prefill, vision) run as a float32 GEMM on
+  float32 copies of the weight, DEQUANT_BLOCK output rows at a time, ~6x faster than the emulated bf16
+  GEMM; few rows stay bf16. (A copy of the whole weight ran no faster and took 200 MB on Phi-3-V.)
 - int8 / int4, other few-row products: PyTorch's weight-only kernels, fed bfloat16 activations (float32
   ones run 10-20x slower). Many rows dequantize the weight a block of output rows at a time and use the dense
   GEMM (in float32 where bf16 is emulated, as above), twice as fast as the int kernels there; the
@@ -23,6 +24,7 @@ Every choice here was measured (bench/linear_routes.py, docs/benchmarks.md). On 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import threading
 
 import torch
@@ -85,7 +87,7 @@ def _scratch_float32(shape: tuple[int, int], *inputs: Tensor) -> Tensor:
     Many-row products on the CPU need a float32 weight per call (converted from bf16, or dequantized).
     Fresh memory for it costs page faults that measured several times the conversion itself (5 s of a
     798-token bf16 prefill of Phi-3-V, and more with the allocator setting of quantized loads), so one
-    buffer per thread is kept, grown to the largest weight seen: 200 MB on Phi-3-V.
+    buffer per thread is kept, grown to the largest block seen: 34 MB on Phi-3-V (1024 rows of 8192).
     """
     if _records_grad(*inputs):
         return torch.empty(shape)
@@ -101,21 +103,30 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
     """x @ dequant(W).T for many rows of x, dequantizing DEQUANT_BLOCK output rows of W at a time (into the
     scratch buffer on the CPU)."""
     dt = _gemm_dtype(x)
-    x2 = x.reshape(-1, layer.in_features).to(dt)
-    bias = None if layer.bias is None else layer.bias.to(dt)
-    cpu = x.device.type == "cpu"
     own = _own_bf16_dequantizer(layer, x, dt)
-    step = 2 * DEQUANT_BLOCK if own is not None else DEQUANT_BLOCK  # bf16 rows: the same scratch bytes
+    if own is not None:  # bf16 rows, twice as many in the same scratch bytes: half-width float32 rows hold them
+        return _blockwise_product(x, layer.out_features, layer.in_features, layer.bias, dt, 2 * DEQUANT_BLOCK,
+                                  lambda lo, hi: own(lo, hi, _scratch_float32((hi - lo, layer.in_features // 2), x)
+                                                     .view(torch.bfloat16)))  # fmt: skip
+    cpu = x.device.type == "cpu"
+
+    def rows(lo: int, hi: int) -> Tensor:
+        out = _scratch_float32((hi - lo, layer.in_features), x) if cpu else None
+        return layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
+
+    return _blockwise_product(x, layer.out_features, layer.in_features, layer.bias, dt, DEQUANT_BLOCK, rows)
+
+
+def _blockwise_product(x: Tensor, out_features: int, in_features: int, bias: Tensor | None, dt: torch.dtype,
+                       step: int, rows: Callable[[int, int], Tensor]) -> Tensor:  # fmt: skip
+    """x @ W.T + bias computed in `dt`, `step` output rows of W at a time, each block from rows(lo, hi)."""
+    x2 = x.reshape(-1, in_features).to(dt)
+    bias = None if bias is None else bias.to(dt)
     blocks = []
-    for lo in range(0, layer.out_features, step):
-        hi = min(lo + step, layer.out_features)
-        if own is not None:  # half-width rows of the float32 scratch buffer hold the bf16 block
-            w = own(lo, hi, _scratch_float32((hi - lo, layer.in_features // 2), x).view(torch.bfloat16))
-        else:
-            out = _scratch_float32((hi - lo, layer.in_features), x) if cpu else None
-            w = layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
-        blocks.append(F.linear(x2, w, None if bias is None else bias[lo:hi]))
-    return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    for lo in range(0, out_features, step):
+        hi = min(lo + step, out_features)
+        blocks.append(F.linear(x2, rows(lo, hi), None if bias is None else bias[lo:hi]))
+    return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def _own_bf16_dequantizer(layer: Int8Linear | Int4Linear, x: Tensor, dt: torch.dtype):
@@ -177,8 +188,8 @@ class Linear(nn.Linear):
             y = y.reshape(*x.shape[:-1], -1)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         if w.dtype == torch.bfloat16 and _rows(x) > FEW_ROWS and _gemm_dtype(x) == torch.float32:
-            w32 = _scratch_float32(w.shape, x, w).copy_(w)
-            return F.linear(x.float(), w32, None if self.bias is None else self.bias.float()).to(x.dtype)
+            return _blockwise_product(x, w.shape[0], w.shape[1], self.bias, torch.float32, DEQUANT_BLOCK,
+                                      lambda lo, hi: _scratch_float32((hi - lo, w.shape[1]), x, w).copy_(w[lo:hi]))  # fmt: skip
         if _onednn_bias_product(x, w, self.bias):
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return super().forward(x)
