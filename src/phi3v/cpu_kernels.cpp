@@ -399,25 +399,28 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m256i ones = _mm256_set1_epi16(1);
-  at::parallel_for(0, N / 4, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin * 4; n < end * 4; n += 4) {
-      const int8_t* r = qp + n * K;
-      __m256 a[4];
-      for (auto& v : a) v = _mm256_setzero_ps();
-      for (int64_t b = 0; b < K / 32; b++) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&xq.q[b * 32]));
-        const __m256 d = _mm256_set1_ps(xq.d[b]);
-        for (int i = 0; i < 4; i++) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i * K + b * 32));
-          // vpmaddubsw multiplies unsigned by signed bytes: |w| times x with w's sign (codes are in
-          // -127..127, so |w| fits and no pair sum saturates).
-          const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-          a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d, a[i]);
-        }
+  // Eight rows at a time (four for the last rows where N % 8 == 4), as bf16_gemv reads its weight.
+  const auto rows = [&](auto R, int64_t n) {
+    const int8_t* r = qp + n * K;
+    __m256 a[R];
+    for (auto& v : a) v = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&xq.q[b * 32]));
+      const __m256 d = _mm256_set1_ps(xq.d[b]);
+      for (int i = 0; i < R; i++) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + i * K + b * 32));
+        // vpmaddubsw multiplies unsigned by signed bytes: |w| times x with w's sign (codes are in
+        // -127..127, so |w| fits and no pair sum saturates).
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+        a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d, a[i]);
       }
-      for (int i = 0; i < 4; i++) yp[n + i] = hsum(a[i]) * sp[n + i];
     }
+    for (int i = 0; i < R; i++) yp[n + i] = hsum(a[i]) * sp[n + i];
+  };
+  at::parallel_for(0, N / 8, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin * 8; n < end * 8; n += 8) rows(std::integral_constant<int, 8>(), n);
   });
+  if (N % 8) rows(std::integral_constant<int, 4>(), N - 4);
   return like_x(y, x);
 }
 
