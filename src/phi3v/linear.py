@@ -24,8 +24,8 @@ Every choice here was measured (bench/linear_routes.py, docs/benchmarks.md). On 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +104,16 @@ def _dequantized_product(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
     scratch buffer on the CPU)."""
     dt = _gemm_dtype(x)
     own = _own_bf16_dequantizer(layer, x, dt)
-    if own is not None:  # bf16 rows, twice as many in the same scratch bytes: half-width float32 rows hold them
-        return _blockwise_product(x, layer.out_features, layer.in_features, layer.bias, dt, 2 * DEQUANT_BLOCK,
-                                  lambda lo, hi: own(lo, hi, _scratch_float32((hi - lo, layer.in_features // 2), x)
-                                                     .view(torch.bfloat16)))  # fmt: skip
     cpu = x.device.type == "cpu"
 
     def rows(lo: int, hi: int) -> Tensor:
+        if own is not None:  # half-width rows of the float32 scratch buffer hold the bf16 block
+            return own(lo, hi, _scratch_float32((hi - lo, layer.in_features // 2), x).view(torch.bfloat16))
         out = _scratch_float32((hi - lo, layer.in_features), x) if cpu else None
         return layer.dequantize(torch.float32, lo, hi, out=out).to(dt)
 
-    return _blockwise_product(x, layer.out_features, layer.in_features, layer.bias, dt, DEQUANT_BLOCK, rows)
+    step = 2 * DEQUANT_BLOCK if own is not None else DEQUANT_BLOCK  # bf16 rows: the same scratch bytes
+    return _blockwise_product(x, layer.out_features, layer.in_features, layer.bias, dt, step, rows)
 
 
 def _blockwise_product(x: Tensor, out_features: int, in_features: int, bias: Tensor | None, dt: torch.dtype,
