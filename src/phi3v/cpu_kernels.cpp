@@ -304,6 +304,16 @@ inline void split_pairs(__m256i pairs, __m256& scale, __m256& zero) {
   zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF0000)));
 }
 
+// Runs rows(R, n) over output rows n..n+R-1 of an N-row product, N % 4 == 0: R = 8 split over the threads,
+// then R = 4 for the last four where N % 8 == 4. R is a compile-time constant, so rows' loops unroll.
+template <typename F>
+inline void in_eights(int64_t N, F&& rows) {
+  at::parallel_for(0, N / 8, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin * 8; n < end * 8; n += 8) rows(std::integral_constant<int, 8>(), n);
+  });
+  if (N % 8) rows(std::integral_constant<int, 4>(), N - 4);
+}
+
 }  // namespace
 
 // y[n] = sum_k x[k] w[n, k] for a row-major (N, K) bfloat16 weight. Needs N % 4 == 0, K % 16 == 0.
@@ -340,10 +350,7 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
     }
     for (int i = 0; i < R; i++) yp[n + i] = hsum(_mm256_add_ps(a[2 * i], a[2 * i + 1]));
   };
-  at::parallel_for(0, N / 8, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin * 8; n < end * 8; n += 8) rows(std::integral_constant<int, 8>(), n);
-  });
-  if (N % 8) rows(std::integral_constant<int, 4>(), N - 4);
+  in_eights(N, rows);
   return y;
 }
 
@@ -417,10 +424,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
     }
     for (int i = 0; i < R; i++) yp[n + i] = hsum(a[i]) * sp[n + i];
   };
-  at::parallel_for(0, N / 8, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin * 8; n < end * 8; n += 8) rows(std::integral_constant<int, 8>(), n);
-  });
-  if (N % 8) rows(std::integral_constant<int, 4>(), N - 4);
+  in_eights(N, rows);
   return like_x(y, x);
 }
 
@@ -496,9 +500,9 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sz, int6
   const std::vector<float> xsums = group_sums(xq, K, group);  // shared by all row blocks
   // Per 4 inputs, the multipliers of that 64-byte step: (x_k, x_k+2) in the low lane, (x_k+1, x_k+3) in the high.
   std::vector<__m256i> xv(K / 4);
+  const auto pair = [](int8_t a, int8_t b) { return static_cast<int16_t>((a & 0xFF) | (b << 8)); };
   for (int64_t i = 0; i < K / 4; i++) {
     const int8_t* c = &xq.q[4 * i];
-    const auto pair = [](int8_t a, int8_t b) { return static_cast<int16_t>((a & 0xFF) | (b << 8)); };
     xv[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(pair(c[0], c[2]))),
                                     _mm_set1_epi16(pair(c[1], c[3])), 1);
   }

@@ -125,7 +125,8 @@ def _blockwise_product(x: Tensor, out_features: int, in_features: int, bias: Ten
     for lo in range(0, out_features, step):
         hi = min(lo + step, out_features)
         blocks.append(F.linear(x2, rows(lo, hi), None if bias is None else bias[lo:hi]))
-    return torch.cat(blocks, dim=-1).to(x.dtype).reshape(*x.shape[:-1], out_features)
+    y = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)  # cat would copy a lone block
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def _own_bf16_dequantizer(layer: Int8Linear | Int4Linear, x: Tensor, dt: torch.dtype):
