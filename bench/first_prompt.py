@@ -26,10 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time, torch
 import phi3v, phi3v.weights
-from phi3v.api import options_from
-from phi3v.generate import Batch, Request
-from phi3v.image_processor import load_image, preprocess
-from phi3v.prompt import build_input_ids, chat_prompt
+from phi3v.image_processor import load_image
+from staged_prompt import staged_prompt
 
 folder, quantize, image, crops, populate = sys.argv[1:6]
 if populate == "0":
@@ -41,17 +39,10 @@ out = {"load_s": time.perf_counter() - t0, "prompts": []}
 img = load_image(image)
 for _ in range(2):
     with torch.inference_mode():
-        f0, t0 = faults(), time.perf_counter()
-        inputs = preprocess([img], int(crops))
-        feats = m.model.encode_images(inputs.pixel_values, inputs.image_sizes)
-        t1 = time.perf_counter()
-        prompt, _ = chat_prompt([{"role": "user", "content": [{"type": "image", "image": img},
-                                                              {"type": "text", "text": "Describe this image."}]}])
-        ids = torch.tensor(build_input_ids(m.tokenizer, prompt, inputs.num_img_tokens), dtype=torch.long)
-        req = Request(ids, feats, options_from(max_new_tokens=1, ignore_eos=True))
-        Batch(m.model, m.tokenizer).add(req)
-        t2 = time.perf_counter()
-    out["prompts"].append({"vision_s": t1 - t0, "prefill_s": t2 - t1, "ttft_s": t2 - t0, "faults": faults() - f0})
+        f0, at = faults(), {"start": time.perf_counter()}
+        staged_prompt(m, img, int(crops), "Describe this image.", 1, lambda stage: at.__setitem__(stage, time.perf_counter()))
+    out["prompts"].append({"vision_s": at["vision"] - at["start"], "prefill_s": at["prefill"] - at["vision"],
+                           "ttft_s": at["prefill"] - at["start"], "faults": faults() - f0})
 print(json.dumps(out))
 """
 

@@ -27,10 +27,8 @@ CHILD = r"""
 import json, sys, torch
 from pathlib import Path
 import phi3v, phi3v.weights
-from phi3v.api import options_from
-from phi3v.generate import Batch, Request
-from phi3v.image_processor import load_image, preprocess
-from phi3v.prompt import build_input_ids, chat_prompt
+from phi3v.image_processor import load_image
+from staged_prompt import staged_prompt
 
 folder, quantize, image, crops, new_tokens, mapped_from = sys.argv[1:7]
 phi3v.weights.MAPPED_FROM_BYTES = int(mapped_from)
@@ -42,17 +40,7 @@ m = phi3v.load(folder, quantize=None if quantize == "none" else quantize, featur
 record("load")
 img = load_image(image)
 with torch.inference_mode():
-    inputs = preprocess([img], int(crops))
-    record("preprocess")
-    feats = m.model.encode_images(inputs.pixel_values, inputs.image_sizes)
-    record("vision")
-    prompt, _ = chat_prompt([{"role": "user", "content": [{"type": "image", "image": img},
-                                                          {"type": "text", "text": "Describe this image in detail."}]}])
-    ids = torch.tensor(build_input_ids(m.tokenizer, prompt, inputs.num_img_tokens), dtype=torch.long)
-    req = Request(ids, feats, options_from(max_new_tokens=int(new_tokens), ignore_eos=True))
-    batch = Batch(m.model, m.tokenizer)
-    batch.add(req)
-    record("prefill")
+    batch, req, _, _ = staged_prompt(m, img, int(crops), "Describe this image in detail.", int(new_tokens), record)
     while req.finish_reason is None:
         batch.step()
     record("decode")
@@ -75,7 +63,7 @@ def run_child(code: str, argv: list[str], folder: Path, cold: bool) -> dict:
     cache if `cold`: the JSON object on its last line of output."""
     if cold:
         evict(folder)
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
     out = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -48,10 +48,8 @@ def child_phi3v(a: argparse.Namespace) -> dict:
     import torch
 
     import phi3v
-    from phi3v.generate import Batch, Request
-    from phi3v.api import options_from
-    from phi3v.image_processor import load_image, preprocess
-    from phi3v.prompt import build_input_ids, chat_prompt
+    from phi3v.image_processor import load_image
+    from staged_prompt import staged_prompt  # bench/ is this script's folder on sys.path
 
     dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}.get(a.mode, a.dtype)
     quantize = a.mode if a.mode in ("int8", "int4") else None
@@ -62,22 +60,15 @@ def child_phi3v(a: argparse.Namespace) -> dict:
            "kv_dtype": str(m.model.cache_dtype).removeprefix("torch.")}
     img = load_image(a.image)
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        inputs = preprocess([img], a.num_crops)
-        t1 = time.perf_counter()
-        feats = m.model.encode_images(inputs.pixel_values, inputs.image_sizes)
-        t2 = time.perf_counter()
-        prompt, _ = chat_prompt([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": PROMPT}]}])
-        ids = torch.tensor(build_input_ids(m.tokenizer, prompt, inputs.num_img_tokens), dtype=torch.long)
-        req = Request(ids, feats, options_from(max_new_tokens=a.new_tokens, ignore_eos=True))
-        batch = Batch(m.model, m.tokenizer)
-        batch.add(req)
-        t3 = time.perf_counter()
+        at = {"start": time.perf_counter()}
+        batch, req, feats, ids = staged_prompt(m, img, a.num_crops, PROMPT, a.new_tokens,
+                                               lambda stage: at.__setitem__(stage, time.perf_counter()))  # fmt: skip
         while req.finish_reason is None:
             batch.step()
         t4 = time.perf_counter()
-        out |= {"image_ms": (t1 - t0) * 1e3, "vision_s": t2 - t1, "prefill_s": t3 - t2, "ttft_s": t3 - t0,
-                "prompt_tokens": len(ids), "decode_tok_s": (len(req.tokens) - 1) / (t4 - t3),
+        out |= {"image_ms": (at["preprocess"] - at["start"]) * 1e3, "vision_s": at["vision"] - at["preprocess"],
+                "prefill_s": at["prefill"] - at["vision"], "ttft_s": at["prefill"] - at["start"],
+                "prompt_tokens": len(ids), "decode_tok_s": (len(req.tokens) - 1) / (t4 - at["prefill"]),
                 "tokens": req.tokens, "peak_rss": peak_rss()}  # fmt: skip
         out["logits"] = None
         if a.agree:
