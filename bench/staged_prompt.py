@@ -8,6 +8,11 @@ from typing import Callable
 
 import torch
 
+from phi3v.api import options_from
+from phi3v.generate import Batch, Request
+from phi3v.image_processor import preprocess
+from phi3v.prompt import build_input_ids, chat_prompt
+
 
 def staged_prompt(m, image, num_crops: int, text: str, max_new_tokens: int,
                   mark: Callable[[str], None] = lambda stage: None):  # fmt: skip
@@ -15,11 +20,6 @@ def staged_prompt(m, image, num_crops: int, text: str, max_new_tokens: int,
     into a new Batch of `m` (a loaded `phi3v.api.Phi3V`), greedy with EOS ignored, calling `mark` with
     "preprocess", "vision" and "prefill" as each ends. Returns (batch, request, feats, ids): the caller
     steps the batch to decode."""
-    from phi3v.api import options_from
-    from phi3v.generate import Batch, Request
-    from phi3v.image_processor import preprocess
-    from phi3v.prompt import build_input_ids, chat_prompt
-
     inputs = preprocess([image], num_crops)
     mark("preprocess")
     feats = m.model.encode_images(inputs.pixel_values, inputs.image_sizes)
