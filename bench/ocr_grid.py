@@ -2,6 +2,7 @@
 
     python bench/ocr_grid.py train --mix 1 0 0 0 --batch-size 16 --vision-scenes 16 --vision-steps 400 \\
         --steps 300 --low-res-steps 0 --eval 0 --out /tmp/grid     # phi3v.pocket.train's own options
+    python bench/ocr_grid.py train --chars ...    # the same with a tokenizer of single characters
     python bench/ocr_grid.py score /tmp/grid      # exact match, and teacher-forced accuracy per kind of token
     python bench/ocr_grid.py probe /tmp/grid      # can a small probe read one word from the image tokens?
     python bench/ocr_grid.py score /tmp/ocr-only free   # the same on the package's own (free) OCR images
@@ -25,10 +26,12 @@ from PIL import ImageFont
 from torch import nn
 
 import phi3v
+from phi3v.checkpoint import write_byte_tokenizer
 from phi3v.language import AttentionInputs
 from phi3v.pocket import data, train
 from phi3v.pocket.evaluate import HELD_OUT_SEED, evaluate
 from phi3v.pocket.train import IGNORE, collate, encode_once, scene_batch
+from phi3v.prompt import Tokenizer
 from phi3v.rope import cos_sin
 
 CELL = 42  # px of the 336 px image: one patch of the global view
@@ -157,11 +160,20 @@ def probe(folder: str, layout: str = "grid", steps: int = 300) -> dict:
     return out
 
 
+def spelled_tokenizer(folder, seed: int, drills: bool = False) -> Tokenizer:
+    """`train.build_tokenizer` without merges: the byte-fallback tokenizer, every character one token."""
+    write_byte_tokenizer(folder)
+    return Tokenizer.from_dir(folder)
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("train", "score", "probe"):
         sys.exit(__doc__)
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "train":
+        if "--chars" in rest:  # no BPE merges: every character its own token, so an answer copies them
+            rest.remove("--chars")
+            train.build_tokenizer = spelled_tokenizer
         sys.argv = ["phi3v.pocket.train", *rest]
         train.main()
     else:
