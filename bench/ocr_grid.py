@@ -27,12 +27,10 @@ from torch import nn
 
 import phi3v
 from phi3v.checkpoint import write_byte_tokenizer
-from phi3v.language import AttentionInputs
 from phi3v.pocket import data, train
 from phi3v.pocket.evaluate import HELD_OUT_SEED, evaluate
 from phi3v.pocket.train import IGNORE, collate, encode_once, scene_batch
 from phi3v.prompt import Tokenizer
-from phi3v.rope import cos_sin
 
 CELL = 42  # px of the 336 px image: one patch of the global view
 COLS = data.SIZE // CELL
@@ -86,16 +84,13 @@ def score(folder: str, layout: str = "grid") -> dict:
     tally: dict[str, list[int]] = {}
     with torch.no_grad():
         for i in range(0, len(examples), 16):
-            b = collate(tok, [[ex] for ex in examples[i : i + 16]], side=4)
-            feats, _ = encode_once(model, b["pixel_values"], b["image_sizes"])
-            x = model.embed(b["ids"], feats)
-            pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
-            cos, sin = cos_sin(model.config.text, pos, x.dtype, pos.amax(dim=1) + 1)
-            h = model.decode_layers(x, AttentionInputs(cos, sin, None, pos))
-            guess, target = model.logits(h[:, :-1]).argmax(-1), b["labels"][:, 1:]
+            b = collate(tok, [[ex] for ex in examples[i : i + 16]], side=4)  # right-padded: no mask needed
+            logits = model(b["ids"], b["pixel_values"], b["image_sizes"])
+            guess, target = logits[:, :-1].argmax(-1), b["labels"][:, 1:]
             for row in range(len(target)):
                 for j, k in enumerate((target[row] != IGNORE).nonzero().flatten().tolist()):
-                    t, s = int(target[row, k]), tok.decode([int(target[row, k])]).strip()
+                    t = int(target[row, k])
+                    s = tok.decode([t]).strip()
                     kind = "digit" if s.isdigit() else "word" if s else "space"
                     kind = "end" if t == tok.end_token_id else kind
                     right = tally.setdefault(f"{kind} {'first' if j == 0 else 'later'}", [0, 0])
