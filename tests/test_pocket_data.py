@@ -256,6 +256,32 @@ def test_vision_phase_trains_the_vision_path_alone():
     assert set(acc) == set(TASKS) and all(0 <= v <= 1 for v in acc.values())
 
 
+def test_vision_phase_runs_its_first_steps_at_low_resolution_and_its_own_rate(monkeypatch):
+    """--vision-low-res-steps: the phase's first steps draw their scenes at num_crops=1, the rest (and the
+    held-out accuracy) at num_crops=4; --phase-lr: every group steps at that multiple of its scheduled rate."""
+    import torch
+
+    import phi3v.pocket.train as T
+    from phi3v.model import Phi3VForCausalLM
+
+    torch.manual_seed(0)
+    cfg = T.pocket_config(640, 0)
+    model = Phi3VForCausalLM(cfg)
+    T.init_weights(model, seed=0)
+    probes = T.Probes(cfg)
+    opt = T.optimizer(model, probes, 1e-3, vision_lr=2.0)
+    crops, rates = [], []
+    real_batch, real_step = T.scene_batch, T.vision_step
+    monkeypatch.setattr(T, "scene_batch", lambda scenes, side, num_crops=4: crops.append(num_crops) or real_batch(
+        scenes, side, num_crops))  # fmt: skip
+    monkeypatch.setattr(T, "vision_step", lambda *a: rates.append([g["lr"] for g in opt.param_groups]) or real_step(*a))
+    T.vision_phase(model, probes, opt, steps=3, scenes=4, tasks=list(TASKS), rng=random.Random(0), low_res_steps=2,
+                   rate=3.0)  # fmt: skip
+    assert crops == [1, 1, 4] + [4] * len(TASKS)  # then one held-out batch per task
+    want = [[3.0 * T.lr_at(i, 3, g["base_lr"], warmup=0) for g in opt.param_groups] for i in range(3)]
+    assert rates == [pytest.approx(w) for w in want] and rates[0] != rates[1]
+
+
 def test_vision_step_fits_a_fixed_batch_and_patch_accuracy_counts_right_guesses():
     """A fixed scene batch: vision_step lowers both of its losses and reaches nothing outside the vision
     path, and patch_accuracy grows as the head learns; a head forced to answer "bar" everywhere scores the
@@ -507,6 +533,11 @@ def test_collated_patch_targets_match_the_crops():
         train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, vision_steps=5, vision_scenes=0)
     with pytest.raises(ValueError, match="multiple of 4"):
         train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, vision_steps=5, vision_scenes=6)
+    with pytest.raises(ValueError, match="--vision-low-res-steps 6: 0 up to --vision-steps"):
+        train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, vision_steps=5, vision_scenes=8,
+              vision_low_res_steps=6)  # fmt: skip
+    with pytest.raises(ValueError, match="--phase-lr 0"):
+        train(None, steps=1, batch_size=16, lr=1e-3, seed=0, eval_n=0, vision_steps=5, vision_scenes=8, phase_lr=0)
     check_recipe(18, (1, 3, 2, 3), vision_steps=0, vision_scenes=8)  # no phase: its scene count is unused
 
 

@@ -357,12 +357,13 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
 
 
 def optimizer_step(model: Phi3VForCausalLM, opt: torch.optim.Optimizer, step: int, steps: int,
-                   backward: Callable[[], tuple[float, ...]], warmup: int = 100) -> tuple[float, ...]:  # fmt: skip
-    """Step `step` of `steps`: every group at its `lr_at` rate, fresh gradients from `backward` (whose losses
-    are returned), the model's clipped to norm 1, then the update. Gradients are set to None, not zeroed,
-    so that what `backward` does not reach gets no update (the decoder in the vision phase)."""
+                   backward: Callable[[], tuple[float, ...]], warmup: int = 100,
+                   rate: float = 1.0) -> tuple[float, ...]:  # fmt: skip
+    """Step `step` of `steps`: every group at `rate` times its `lr_at` rate, fresh gradients from `backward`
+    (whose losses are returned), the model's clipped to norm 1, then the update. Gradients are set to None,
+    not zeroed, so that what `backward` does not reach gets no update (the decoder in the vision phase)."""
     for g in opt.param_groups:
-        g["lr"] = lr_at(step, steps, g["base_lr"], warmup)
+        g["lr"] = rate * lr_at(step, steps, g["base_lr"], warmup)
     opt.zero_grad(set_to_none=True)
     got = backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -398,26 +399,32 @@ def draw_scenes(rng: random.Random, tasks: list[str] | tuple[str, ...], n: int) 
 
 
 def vision_phase(model: Phi3VForCausalLM, probes: Probes, opt: torch.optim.Optimizer, steps: int, scenes: int,
-                 tasks: list[str], rng: random.Random, bf16: bool = False) -> dict:  # fmt: skip
+                 tasks: list[str], rng: random.Random, bf16: bool = False, low_res_steps: int = 0,
+                 rate: float = 1.0) -> dict:  # fmt: skip
     """Train the vision path alone (`vision_step`) for `steps` steps of `scenes` scenes from `rng`, cycling
-    through `tasks` (--mix), with its own warmup and cosine decay. Returns its seconds and, per task, the
-    `patch_accuracy` at its end on 32 held-out scenes.
+    through `tasks` (--mix), with its own warmup and cosine decay at `rate` times the optimizer's rates; the
+    first `low_res_steps` show the images at num_crops=1, the rest at NUM_CROPS. Returns its seconds and, per
+    task, the `patch_accuracy` at its end on 32 held-out scenes.
 
     Phi-3-V's tower came pretrained; this one starts from noise, and within the full training it learns
     the OCR task's characters slowly: `phi3v.pocket.glyphs --text` needs about 2000 steps of the tower
     alone to name half of them, which the full training's shared gradient never gives it (docs/pocket.md).
-    Without the decoder a step costs about a third of a low-resolution training step, so the phase runs
-    at NUM_CROPS: the 2x2 tiles show text at twice the size the global view does. The optimizer's state
-    carries on into the main training."""
+    Without the decoder a step at NUM_CROPS costs about a third of a low-resolution training step, and one
+    at num_crops=1 a fifth of that (one crop an image to encode, `encode_once`, against five), so most of
+    the phase runs there and its end at NUM_CROPS, where the 2x2 tiles show everything at twice the size.
+    The optimizer's state carries on into the main training."""
     from tqdm import tqdm
 
     side = model.config.vision.tokens_per_side
     t0, smooth = time.perf_counter(), [0.0, 0.0]
-    made = prefetched(lambda _: scene_batch(draw_scenes(rng, tasks, scenes), side), steps)
-    bar = tqdm(made, total=steps, desc="vision phase", unit="step")
+
+    def batch(step: int) -> dict:
+        return scene_batch(draw_scenes(rng, tasks, scenes), side, 1 if step < low_res_steps else NUM_CROPS)
+
+    bar = tqdm(prefetched(batch, steps), total=steps, desc="vision phase", unit="step")
     for step, b in enumerate(bar):
         got = optimizer_step(model, opt, step, steps, lambda: vision_step(model, probes, b, bf16),
-                             warmup=min(100, steps // 5))  # fmt: skip
+                             warmup=min(100, steps // 5), rate=rate)  # fmt: skip
         smooth = [x if step == 0 else 0.95 * s + 0.05 * x for s, x in zip(smooth, got)]
         bar.set_postfix(facts=f"{smooth[0]:.2f}", patches=f"{smooth[1]:.3f}")
     seconds = time.perf_counter() - t0
@@ -451,21 +458,28 @@ def save(model: Phi3VForCausalLM, folder: Path, info: dict) -> None:
     (folder / "pocket.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def check_recipe(batch_size: int, mix: tuple[int, ...], vision_steps: int, vision_scenes: int) -> None:
-    """Raise ValueError, naming the options, unless `mix` can fill a batch and the vision phase's scenes."""
+def check_recipe(batch_size: int, mix: tuple[int, ...], vision_steps: int, vision_scenes: int,
+                 vision_low_res_steps: int = 0, phase_lr: float = 1.0) -> None:  # fmt: skip
+    """Raise ValueError, naming the options, unless `mix` can fill a batch and the vision phase's scenes, and
+    the phase's low-resolution steps and rate make sense."""
     if len(mix) != len(TASKS) or min(mix) < 0 or sum(mix) == 0 or batch_size % sum(mix):
         raise ValueError(f"--mix {' '.join(map(str, mix))}: one count per task ({', '.join(TASKS)}), none "
                          f"negative, adding up to a divisor of the batch size {batch_size}")  # fmt: skip
     if vision_steps < 0 or (vision_steps and (vision_scenes < 1 or vision_scenes % sum(mix))):
         raise ValueError(f"--vision-steps {vision_steps} --vision-scenes {vision_scenes}: the vision phase needs "
                          f"0 or more steps of a positive multiple of {sum(mix)} scenes (the sum of --mix)")  # fmt: skip
+    if not 0 <= vision_low_res_steps <= vision_steps:
+        raise ValueError(f"--vision-low-res-steps {vision_low_res_steps}: 0 up to --vision-steps ({vision_steps})")
+    if not phase_lr > 0:
+        raise ValueError(f"--phase-lr {phase_lr}: a multiple of the rates must be positive")
 
 
 def train(
     out: Path, steps: int, batch_size: int, lr: float, seed: int, eval_n: int, save_every: int = 0,
     vision_lr: float = 1.0, low_res_steps: int = 0, bf16: bool = False, drills: bool = False,
     norm_probe: bool = False, patch: int = PATCH, patch_weight: float = 0.0, mix: tuple[int, ...] = EVEN_MIX,
-    vision_steps: int = 0, vision_scenes: int = VISION_SCENES,
+    vision_steps: int = 0, vision_scenes: int = VISION_SCENES, vision_low_res_steps: int = 0,
+    phase_lr: float = 1.0,
 ) -> dict:
     """Train from `seed` for `steps` steps of `batch_size` conversations; write the files into `out` (also
     every `save_every` steps); score `eval_n` held-out examples at the end. The vision path and the fact
@@ -475,11 +489,12 @@ def train(
     reads layer-normed features (`fact_probe`); `patch`: the tower's patch size; `patch_weight`: of the
     per-patch loss (`patch_loss`; 0: none); `mix`: conversations of each of TASKS per `sum(mix)` of a batch.
     `vision_steps`: first train the vision path alone (`vision_phase`) for that many steps of `vision_scenes`
-    scenes, drawn from their own random stream so that the rest of the run sees the same data; its time
-    counts in `train_seconds`. Returns pocket.json's content."""
+    scenes, drawn from their own random stream so that the rest of the run sees the same data, the first
+    `vision_low_res_steps` of them at num_crops=1, at `phase_lr` times the rates; its time counts in
+    `train_seconds`. Returns pocket.json's content."""
     from tqdm import tqdm
 
-    check_recipe(batch_size, mix, vision_steps, vision_scenes)
+    check_recipe(batch_size, mix, vision_steps, vision_scenes, vision_low_res_steps, phase_lr)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, seed, drills)
@@ -511,7 +526,12 @@ def train(
         info["mix"] = dict(zip(TASKS, mix))
     if vision_steps:
         info |= {"vision_steps": vision_steps, "vision_scenes": vision_scenes}
-        info |= vision_phase(model, probes, opt, vision_steps, vision_scenes, tasks, random.Random(seed + 3), bf16)
+        if vision_low_res_steps:
+            info["vision_low_res_steps"] = vision_low_res_steps
+        if phase_lr != 1.0:
+            info["phase_lr"] = phase_lr
+        info |= vision_phase(model, probes, opt, vision_steps, vision_scenes, tasks, random.Random(seed + 3), bf16,
+                             vision_low_res_steps, phase_lr)  # fmt: skip
 
     def batches(step: int) -> list[dict]:  # drawn in step order, so prefetching keeps the run reproducible
         convs = [conversation(tasks[i % len(tasks)], rng, drills=drills) for i in range(batch_size)]
@@ -564,14 +584,17 @@ def main() -> None:
     ap.add_argument("--vision-steps", type=int, default=1000,
                     help="first train the vision path alone for N steps, on the facts and per-patch targets")
     ap.add_argument("--vision-scenes", type=int, default=9, help="scenes per step of the vision phase")
+    ap.add_argument("--vision-low-res-steps", type=int, default=0,
+                    help="the vision phase's first N steps show images at num_crops=1 (a fifth of the cost)")
+    ap.add_argument("--phase-lr", type=float, default=1.0, help="multiple of the rates during the vision phase")
     a = ap.parse_args()
     try:
-        check_recipe(a.batch_size, tuple(a.mix), a.vision_steps, a.vision_scenes)
+        check_recipe(a.batch_size, tuple(a.mix), a.vision_steps, a.vision_scenes, a.vision_low_res_steps, a.phase_lr)
     except ValueError as e:
         ap.error(str(e))
     info = train(a.out, a.steps, a.batch_size, a.lr, a.seed, a.eval, a.save_every, a.vision_lr, a.low_res_steps,
                  a.bf16, a.drills, a.norm_probe, a.patch, a.patch_weight, tuple(a.mix), a.vision_steps,
-                 a.vision_scenes)  # fmt: skip
+                 a.vision_scenes, a.vision_low_res_steps, a.phase_lr)  # fmt: skip
     print(json.dumps(info, indent=2))
 
 
