@@ -348,6 +348,12 @@ def train_step(model: Phi3VForCausalLM, probes: Probes, batches: list[dict], bf1
     return tuple(totals)
 
 
+def crops_at(step: int, low_res_steps: int) -> int:
+    """The num_crops of step `step` when the first `low_res_steps` are at low resolution: 1 (one tile and the
+    global view, about half a full step's cost in the main training), then NUM_CROPS."""
+    return 1 if step < low_res_steps else NUM_CROPS
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < warmup:
@@ -410,7 +416,7 @@ def vision_phase(model: Phi3VForCausalLM, probes: Probes, opt: torch.optim.Optim
     the OCR task's characters slowly: `phi3v.pocket.glyphs --text` needs about 2000 steps of the tower
     alone to name half of them, which the full training's shared gradient never gives it (docs/pocket.md).
     Without the decoder a step at NUM_CROPS costs about a third of a low-resolution training step, and one
-    at num_crops=1 a fifth of that (one crop an image to encode, `encode_once`, against five), so most of
+    at num_crops=1 a quarter of that (one crop an image to encode, `encode_once`, against five), so most of
     the phase runs there and its end at NUM_CROPS, where the 2x2 tiles show everything at twice the size.
     The optimizer's state carries on into the main training."""
     from tqdm import tqdm
@@ -419,7 +425,7 @@ def vision_phase(model: Phi3VForCausalLM, probes: Probes, opt: torch.optim.Optim
     t0, smooth = time.perf_counter(), [0.0, 0.0]
 
     def batch(step: int) -> dict:
-        return scene_batch(draw_scenes(rng, tasks, scenes), side, 1 if step < low_res_steps else NUM_CROPS)
+        return scene_batch(draw_scenes(rng, tasks, scenes), side, crops_at(step, low_res_steps))
 
     bar = tqdm(prefetched(batch, steps), total=steps, desc="vision phase", unit="step")
     for step, b in enumerate(bar):
@@ -535,7 +541,7 @@ def train(
 
     def batches(step: int) -> list[dict]:  # drawn in step order, so prefetching keeps the run reproducible
         convs = [conversation(tasks[i % len(tasks)], rng, drills=drills) for i in range(batch_size)]
-        return micro_batches(tok, convs, side, 1 if step < low_res_steps else NUM_CROPS)
+        return micro_batches(tok, convs, side, crops_at(step, low_res_steps))
 
     bar = tqdm(prefetched(batches, steps), total=steps, desc=f"training {params / 1e6:.1f}M params", unit="step")
     for step, ready in enumerate(bar):
@@ -585,7 +591,7 @@ def main() -> None:
                     help="first train the vision path alone for N steps, on the facts and per-patch targets")
     ap.add_argument("--vision-scenes", type=int, default=9, help="scenes per step of the vision phase")
     ap.add_argument("--vision-low-res-steps", type=int, default=0,
-                    help="the vision phase's first N steps show images at num_crops=1 (a fifth of the cost)")
+                    help="the vision phase's first N steps show images at num_crops=1 (a quarter of the cost)")
     ap.add_argument("--phase-lr", type=float, default=1.0, help="multiple of the rates during the vision phase")
     a = ap.parse_args()
     try:
